@@ -1,0 +1,227 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, written atomically, loaded as data only.
+
+File format (for each adapted module ``M``, named as in the base model's ``named_modules()``):
+
+    M.lora_A   (N, R, D_in)    float32 by default
+    M.lora_B   (N, D_out, R)
+    M.router   (N, D_in)
+
+``adapter_config.json`` holds ``{"format": "loramoe", "loramoe_version", "config": LoRAMoEConfig,
+"base_model": {model_type, hidden_size, intermediate_size, num_hidden_layers, vocab_size, name_or_path},
+"weights_sha256"}``. The checksum lets a loader tell a torn or tampered weight file from a good one.
+
+Design decisions:
+- Loading never unpickles: safetensors and JSON only; a ``.bin``/``.pt`` adapter is refused with the reason.
+- Loading checks the base model's identity and every tensor's name and shape, and lists every mismatch at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loramoe.config import LoRAMoEConfig
+from loramoe.errors import AdapterError, ConfigError
+from loramoe.files import atomic_path, atomic_write_text, sha256_file
+from loramoe.inject import adapted_modules, get_config, inject, model_type_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "intermediate_size": ("n_inner",)}
+
+
+def _version() -> str:
+    from loramoe import __version__
+
+    return __version__
+
+
+def base_identity(model: nn.Module) -> dict[str, object]:
+    """The facts about the base model an adapter depends on."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    identity: dict[str, object] = {"model_type": model_type_of(model)}
+    for key in IDENTITY_KEYS[1:]:
+        value = getattr(config, key, None)
+        for alias in _ALIASES.get(key, ()):
+            value = value if value is not None else getattr(config, alias, None)
+        identity[key] = value
+    identity["name_or_path"] = (
+        getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    )
+    return identity
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """File-format tensors (``M.lora_A``, ``M.lora_B``, ``M.router``), contiguous, on the CPU."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_modules(model).items():
+        state[f"{name}.lora_A"] = layer.loramoe_A.detach().cpu().contiguous()
+        state[f"{name}.lora_B"] = layer.loramoe_B.detach().cpu().contiguous()
+        state[f"{name}.router"] = layer.loramoe_router.detach().cpu().contiguous()
+    return state
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | os.PathLike, *, base_name_or_path: str | None = None
+) -> Path:
+    """Write the adapter of ``model`` to ``out_dir`` (created if needed), each file atomically.
+
+    Args:
+        model: an adapted model.
+        out_dir: destination directory.
+        base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
+
+    Returns:
+        The directory.
+    """
+    from safetensors.torch import save_file
+
+    cfg = get_config(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = base_identity(model)
+    if base_name_or_path is not None:
+        identity["name_or_path"] = str(base_name_or_path)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(
+            adapter_state_dict(model), str(tmp), metadata={"format": "pt", "loramoe_version": _version()}
+        )
+        digest = sha256_file(tmp)
+    meta = {
+        "format": "loramoe",
+        "loramoe_version": _version(),
+        "config": cfg.to_dict(),
+        "base_model": identity,
+        "weights_sha256": digest,
+    }
+    atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, dict]:
+    """Parse and validate ``adapter_config.json``; returns (config, the whole JSON document)."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not Path(adapter_dir).is_dir():
+        raise AdapterError(f"{adapter_dir}: adapter directory not found")
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(
+            f"{path}: not valid JSON ({err}); the file is damaged, save the adapter again"
+        ) from err
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != "loramoe"
+        or not isinstance(meta.get("config"), dict)
+    ):
+        raise AdapterError(
+            f"{path}: not a loramoe adapter config (expected 'format': 'loramoe' and a 'config' object)"
+        )
+    try:
+        cfg = LoRAMoEConfig.from_dict(meta["config"])
+    except ConfigError as err:
+        raise AdapterError(f"{path} field 'config': {err}") from err
+    return cfg, meta
+
+
+def _check_identity(model: nn.Module, saved: dict, path: Path) -> None:
+    current = base_identity(model)
+    problems = [
+        f"{key}: adapter was trained on {saved.get(key)!r}, this model has {current.get(key)!r}"
+        for key in IDENTITY_KEYS
+        if saved.get(key) is not None and current.get(key) is not None and saved.get(key) != current.get(key)
+    ]
+    if problems:
+        raise AdapterError(
+            f"{path}: this adapter was made for a different base model ({saved.get('name_or_path')}): "
+            + "; ".join(problems)
+            + ". Load it onto the base it was trained on."
+        )
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False
+) -> nn.Module:
+    """Inject LoRAMoE into ``model`` as saved in ``adapter_dir`` and load the weights (data only, no pickle).
+
+    Args:
+        model: the base model the adapter was trained on (not yet adapted).
+        adapter_dir: a directory written by ``save_adapter``.
+        is_trainable: keep the adapter trainable (to continue training); otherwise it is frozen too.
+
+    Returns:
+        The same model, adapted.
+
+    Raises:
+        AdapterError: missing, torn, tampered, pickled or mismatched files; the message says what and where.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHTS_NAME
+    pickles = [name for name in PICKLE_NAMES if (adapter_dir / name).exists()]
+    if not weights.is_file() and pickles:
+        raise AdapterError(
+            f"{adapter_dir / pickles[0]}: refusing to load a pickle file (unpickling can run arbitrary code); "
+            f"loramoe adapters are {WEIGHTS_NAME}. Convert it with safetensors where you trust its origin."
+        )
+    cfg, meta = read_adapter_config(adapter_dir)
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: missing; save the adapter again or point to the right directory")
+    _check_identity(model, meta.get("base_model") or {}, adapter_dir / CONFIG_NAME)
+    expected_digest = meta.get("weights_sha256")
+    if expected_digest is not None and sha256_file(weights) != expected_digest:
+        raise AdapterError(
+            f"{weights}: checksum does not match {CONFIG_NAME} (the file is truncated, torn by a crash or was "
+            "modified); use an intact copy or re-save the adapter"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(
+            f"{weights}: not a readable safetensors file ({err}); it is truncated or damaged"
+        ) from err
+    inject(model, cfg)
+    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(state))]
+    problems += [f"unexpected tensor {k}" for k in sorted(set(state) - set(expected))]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)} in the file, {shape} expected"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    if problems:
+        _uninject(model)
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
+        raise AdapterError(f"{weights}: does not fit this model: {shown}")
+    with torch.no_grad():
+        for name, layer in adapted_modules(model).items():
+            for file_key, param in (
+                ("lora_A", layer.loramoe_A),
+                ("lora_B", layer.loramoe_B),
+                ("router", layer.loramoe_router),
+            ):
+                param.copy_(state[f"{name}.{file_key}"].to(param.dtype))
+                param.requires_grad_(is_trainable)
+    return model
+
+
+def _uninject(model: nn.Module) -> None:
+    """Put the original modules back when a load fails half way (the base stays frozen)."""
+    for name, layer in adapted_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, "loramoe_config"):
+        delattr(model, "loramoe_config")

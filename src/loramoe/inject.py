@@ -1,0 +1,150 @@
+"""Adapting a stock transformers model in place: target resolution, wrapping, freezing, disabling, summary.
+
+Design decisions:
+- Targets come from an explicit ``model_type`` map (``config.FFN_TARGETS``) unless the user names them; a name
+  matches a module exactly or as a dotted suffix. Zero matches is an error listing the linear layers seen.
+- Everything but the adapter is frozen; adapter parameters are found by one name prefix (``loramoe_``).
+- The config travels on the model as ``model.loramoe_config`` so ``compute_loss`` and ``save_adapter`` need
+  nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+from torch import nn
+
+from loramoe.config import FFN_TARGETS, LoRAMoEConfig
+from loramoe.errors import ConfigError, TargetError
+from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like
+
+CONFIG_ATTR = "loramoe_config"
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def resolve_targets(model: nn.Module, cfg: LoRAMoEConfig) -> list[str]:
+    """Full names of the modules ``cfg`` adapts in ``model``, in ``named_modules()`` order.
+
+    Raises:
+        TargetError: the architecture is unknown and no targets were given, or the targets match nothing.
+    """
+    linears = [name for name, module in model.named_modules() if is_linear_like(module)]
+    seen = ", ".join(
+        f"{leaf} (x{count})" for leaf, count in Counter(n.rsplit(".", 1)[-1] for n in linears).items()
+    )
+    targets = cfg.target_modules
+    if targets is None:
+        model_type = model_type_of(model)
+        if model_type not in FFN_TARGETS:
+            raise TargetError(
+                f"no known feed-forward targets for model_type {model_type!r} (known: {sorted(FFN_TARGETS)}); set "
+                f"target_modules to some of the linear layers found: {seen}"
+            )
+        targets = FFN_TARGETS[model_type]
+    matched = [name for name in linears if any(name == t or name.endswith("." + t) for t in targets)]
+    if not matched:
+        raise TargetError(f"target_modules {list(targets)} matched no linear layer; the model has: {seen}")
+    return matched
+
+
+def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
+    """Adapt ``model`` in place with LoRAMoE experts on ``cfg``'s targets and freeze everything else.
+
+    Args:
+        model: a transformers causal LM (or any module with linear layers).
+        cfg: the adapter configuration.
+
+    Returns:
+        The same ``model`` object, adapted, with ``model.loramoe_config = cfg``.
+    """
+    if not isinstance(cfg, LoRAMoEConfig):
+        raise ConfigError(f"inject() needs a LoRAMoEConfig, got {type(cfg).__name__}")
+    if adapted_modules(model):
+        raise ConfigError("this model already has LoRAMoE layers; load a fresh base model to inject again")
+    names = resolve_targets(model, cfg)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRAMoELinear(
+            getattr(parent, child),
+            num_experts=cfg.num_experts,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            dropout_mode=cfg.dropout_mode,
+            top_k=cfg.top_k,
+        )
+        setattr(parent, child, layer)
+    setattr(model, CONFIG_ATTR, cfg)
+    return model
+
+
+def get_config(model: nn.Module) -> LoRAMoEConfig:
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is None:
+        raise ConfigError(
+            "this model has no LoRAMoE adapter; call loramoe.inject() or loramoe.load_adapter() first"
+        )
+    return cfg
+
+
+def adapted_modules(model: nn.Module) -> dict[str, LoRAMoELinear]:
+    """Name in ``model.named_modules()`` -> LoRAMoE layer, in model order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRAMoELinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter parameter, by its full name (all contain the ``loramoe_`` prefix)."""
+    return {
+        name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)
+    }
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly its base output; the previous state is restored after."""
+    layers = list(adapted_modules(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, before):
+            layer.disabled = state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def summary(model: nn.Module) -> str:
+    """A human-readable description of the adapter: targets, experts, trainable and total parameters."""
+    cfg = get_config(model)
+    layers = adapted_modules(model)
+    leaves = Counter(name.rsplit(".", 1)[-1] for name in layers)
+    adapter = sum(p.numel() for p in adapter_parameters(model).values())
+    trainable, total = count_parameters(model)
+    routing = "dense" if cfg.top_k is None else f"top-{cfg.top_k}"
+    groups = " + ".join(f"{size} {name}" for name, size in zip(cfg.task_names, cfg.group_sizes))
+    return "\n".join(
+        [
+            f"LoRAMoE on {model_type_of(model) or type(model).__name__}: {len(layers)} adapted linears "
+            f"({', '.join(f'{k} x{v}' for k, v in leaves.items())})",
+            f"  experts {cfg.num_experts} ({groups}), rank {cfg.rank}, alpha {cfg.alpha:g}, dropout {cfg.dropout} "
+            f"({cfg.dropout_mode}), routing {routing}",
+            f"  LBC delta {cfg.lbc_delta}, weight {cfg.lbc_weight} ({cfg.lbc_normalization}, {cfg.lbc_reduction})",
+            f"  adapter parameters {adapter:,}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        ]
+    )

@@ -1,0 +1,162 @@
+"""The localized balancing constraint (LBC, LoRAMoE Sec. 3.2) and the training loss.
+
+Dimension legend: B samples, T positions, N experts, K task types.
+
+Design decisions:
+- ``localized_balancing_loss`` is a pure function of router probabilities and task types; it matches the
+  reference code by default: importance summed over ALL positions, coefficient ``1 - delta`` on the expert group
+  of the sample's own type and ``1 + delta`` elsewhere, squared coefficient of variation with the unbiased
+  variance over the flattened (B x N) entries plus 1e-10, in float32.
+- Which way the samples go: the loss is zero when importance is proportional to 1 / coefficient, so a sample of
+  type k is pushed TOWARD group k (its ``1 - delta`` experts) by the ratio (1 - delta) / (1 + delta). In binary mode,
+  group 0 = experts [0, N/2) serves ``downstream`` (type 0) and group 1 = experts [N/2, N) serves ``knowledge``
+  (type 1): the reference's assignment (its type-1 coefficients are 1 + delta on the first half).
+- ``compute_loss`` is the only place that walks the model: it opens a recorder, runs the model's own causal-LM
+  loss, and sums the per-layer LBC terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loramoe.errors import DataError, TrainingError
+from loramoe.inject import get_config
+from loramoe.routing import RouterRecorder
+
+EPS = 1e-10  # the reference's epsilon in Var / (Mean^2 + eps)
+
+
+def lbc_coefficients(task_types_B: torch.Tensor, group_of_expert: list[int], delta: float) -> torch.Tensor:
+    """``C[b, n] = 1 - delta`` if expert n belongs to sample b's group, else ``1 + delta``. Shape (B, N), float32."""
+    groups_N = torch.as_tensor(group_of_expert, device=task_types_B.device)
+    own_BN = task_types_B.unsqueeze(-1) == groups_N.unsqueeze(0)
+    return torch.where(own_BN, 1.0 - delta, 1.0 + delta).to(torch.float32)
+
+
+def check_task_types(task_types_B: torch.Tensor, num_types: int) -> None:
+    """Raise ``DataError`` unless every task type is an integer in ``[0, num_types)``."""
+    if task_types_B.dtype.is_floating_point or task_types_B.dtype == torch.bool:
+        raise DataError(f"task_types must be an integer tensor, got {task_types_B.dtype}")
+    if task_types_B.numel() and (int(task_types_B.min()) < 0 or int(task_types_B.max()) >= num_types):
+        bad = sorted({int(t) for t in task_types_B.flatten().tolist() if not 0 <= int(t) < num_types})
+        raise DataError(
+            f"task_types {bad} outside the configured types 0..{num_types - 1}; label each sample with one of "
+            f"the configured task_names (binary mode: 0 = downstream, 1 = knowledge)"
+        )
+
+
+def localized_balancing_loss(
+    probs_BTN: torch.Tensor,
+    task_types_B: torch.Tensor,
+    *,
+    group_of_expert: list[int],
+    delta: float,
+    weight: float,
+    normalization: str = "cv2",
+    mask_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The LBC of one adapted linear.
+
+    Args:
+        probs_BTN: router probabilities ``(B, T, N)``.
+        task_types_B: integer task type per sample ``(B,)``; must index ``group_of_expert``'s groups.
+        group_of_expert: the task type each expert serves, length N.
+        delta: localisation strength in [0, 1).
+        weight: beta.
+        normalization: ``"cv2"`` (Var / Mean^2, reference) or ``"var_over_mean"`` (Var / Mean, paper text).
+        mask_BT: if given, only these positions count and each sample's importance is divided by its length
+            (METHOD.md parity option); None counts every position (reference).
+
+    Returns:
+        A float32 scalar.
+    """
+    probs_BTN = probs_BTN.float()
+    if mask_BT is None:
+        importance_BN = probs_BTN.sum(dim=1)
+    else:
+        m_BT1 = mask_BT.to(torch.float32).unsqueeze(-1)
+        importance_BN = (probs_BTN * m_BT1).sum(dim=1) / m_BT1.sum(dim=1).clamp_min(1.0)
+    z = (lbc_coefficients(task_types_B, group_of_expert, delta) * importance_BN).flatten()  # (B*N,)
+    mean = z.mean()
+    if normalization == "cv2":
+        return weight * z.var(unbiased=True) / (mean * mean + EPS)
+    return weight * z.var(unbiased=True) / (mean + EPS)
+
+
+@dataclass
+class LossParts:
+    """The training loss and its parts; all scalars are tensors on the model's device.
+
+    Attributes:
+        total: ``lm + lbc``, the value to backpropagate.
+        lm: exactly the model's own causal-LM loss.
+        lbc: the localized balancing constraint summed (or averaged) over adapted linears; 0 when there are no
+            task types or ``lbc_weight`` is 0.
+        router_probs: layer name -> ``(B, T, N)`` probabilities of this forward (empty when not recorded).
+        outputs: the model's own output object (logits etc.).
+    """
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    lbc: torch.Tensor
+    router_probs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: object = None
+
+
+def compute_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, record: bool = False, **model_kwargs
+) -> LossParts:
+    """Causal-LM loss plus the localized balancing constraint.
+
+    Args:
+        model: an adapted model (``loramoe.inject``).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` and optionally ``task_types`` (B,).
+        record: also record router probabilities when the LBC is off (for statistics).
+        **model_kwargs: passed to the model's forward (e.g. ``num_items_in_batch`` from the Trainer).
+
+    Returns:
+        LossParts.
+    """
+    cfg = get_config(model)
+    inputs = dict(batch)
+    task_types = inputs.pop("task_types", None)
+    if "labels" not in inputs:
+        raise DataError(
+            "compute_loss needs 'labels' in the batch (use -100 on positions that are not learned)"
+        )
+    use_lbc = task_types is not None and cfg.lbc_weight > 0
+    if task_types is not None:
+        check_task_types(task_types, len(cfg.task_names))
+    if not (use_lbc or record):
+        outputs = model(**inputs, **model_kwargs)
+        return LossParts(total=outputs.loss, lm=outputs.loss, lbc=outputs.loss.new_zeros(()), outputs=outputs)
+    with RouterRecorder(model) as recorder:
+        outputs = model(**inputs, **model_kwargs)
+    probs = recorder.concat()
+    lm = outputs.loss
+    lbc = lm.new_zeros((), dtype=torch.float32)
+    if use_lbc:
+        if torch.is_grad_enabled() and model.training and not any(p.requires_grad for p in probs.values()):
+            raise TrainingError(
+                "router probabilities carry no gradient, so the LBC cannot train the routers; this happens with "
+                "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
+        mask = inputs.get("attention_mask") if cfg.lbc_positions == "non_padding" else None
+        groups = cfg.group_of_expert()
+        terms = [
+            localized_balancing_loss(
+                p,
+                task_types,
+                group_of_expert=groups,
+                delta=cfg.lbc_delta,
+                weight=cfg.lbc_weight,
+                normalization=cfg.lbc_normalization,
+                mask_BT=mask,
+            )
+            for p in probs.values()
+        ]
+        lbc = torch.stack(terms).sum() if cfg.lbc_reduction == "sum" else torch.stack(terms).mean()
+    return LossParts(total=lm + lbc.to(lm.dtype), lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
