@@ -27,7 +27,7 @@ from torch import nn
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, sha256_file
-from loramoe.inject import adapted_modules, get_config, inject, model_type_of
+from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -165,9 +165,6 @@ def load_adapter(
     Raises:
         AdapterError: missing, torn, tampered, pickled or mismatched files; the message says what and where.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / WEIGHTS_NAME
     pickles = [name for name in PICKLE_NAMES if (adapter_dir / name).exists()]
@@ -177,9 +174,40 @@ def load_adapter(
             f"loramoe adapters are {WEIGHTS_NAME}. Convert it with safetensors where you trust its origin."
         )
     cfg, meta = read_adapter_config(adapter_dir)
+    _check_identity(model, meta.get("base_model") or {}, adapter_dir / CONFIG_NAME)
+    state = _read_weights(adapter_dir, meta)
+    inject(model, cfg)
+    try:
+        _copy_weights(model, state, weights)
+    except AdapterError:
+        _uninject(model)
+        raise
+    for param in adapter_parameters(model).values():
+        param.requires_grad_(is_trainable)
+    return model
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Load saved weights into a model that already has the same LoRAMoE layers (e.g. to resume training).
+
+    Raises:
+        AdapterError: as ``load_adapter``, and when the saved config differs from the model's.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg, meta = read_adapter_config(adapter_dir)
+    if cfg != get_config(model):
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: the saved LoRAMoE config differs from this model's")
+    _copy_weights(model, _read_weights(adapter_dir, meta), adapter_dir / WEIGHTS_NAME)
+    return model
+
+
+def _read_weights(adapter_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing; save the adapter again or point to the right directory")
-    _check_identity(model, meta.get("base_model") or {}, adapter_dir / CONFIG_NAME)
     expected_digest = meta.get("weights_sha256")
     if expected_digest is not None and sha256_file(weights) != expected_digest:
         raise AdapterError(
@@ -187,12 +215,14 @@ def load_adapter(
             "modified); use an intact copy or re-save the adapter"
         )
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(
             f"{weights}: not a readable safetensors file ({err}); it is truncated or damaged"
         ) from err
-    inject(model, cfg)
+
+
+def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
     problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(state))]
     problems += [f"unexpected tensor {k}" for k in sorted(set(state) - set(expected))]
@@ -202,19 +232,13 @@ def load_adapter(
         if k in state and tuple(state[k].shape) != shape
     ]
     if problems:
-        _uninject(model)
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise AdapterError(f"{weights}: does not fit this model: {shown}")
     with torch.no_grad():
         for name, layer in adapted_modules(model).items():
-            for file_key, param in (
-                ("lora_A", layer.loramoe_A),
-                ("lora_B", layer.loramoe_B),
-                ("router", layer.loramoe_router),
-            ):
-                param.copy_(state[f"{name}.{file_key}"].to(param.dtype))
-                param.requires_grad_(is_trainable)
-    return model
+            layer.loramoe_A.copy_(state[f"{name}.lora_A"])
+            layer.loramoe_B.copy_(state[f"{name}.lora_B"])
+            layer.loramoe_router.copy_(state[f"{name}.router"])
 
 
 def _uninject(model: nn.Module) -> None:

@@ -88,7 +88,11 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
 
 
 def get_config(model: nn.Module) -> LoRAMoEConfig:
+    """The LoRAMoEConfig of an adapted model (looking through DDP/FSDP-style ``.module`` wrappers)."""
     cfg = getattr(model, CONFIG_ATTR, None)
+    while cfg is None and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+        cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
         raise ConfigError(
             "this model has no LoRAMoE adapter; call loramoe.inject() or loramoe.load_adapter() first"
