@@ -187,14 +187,15 @@ class LoRAMoEConfig:
         return cls.from_dict(json.loads(text))
 
 
-def field_docs() -> dict[str, str]:
-    """Field name -> its one-paragraph description from the class docstring (used for command-line help)."""
+def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:
+    """Field name -> its description from a dataclass's Google-style ``Attributes:`` docstring (for CLI help)."""
+    names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
     current = None
-    for line in (LoRAMoEConfig.__doc__ or "").splitlines():
+    for line in (cls.__doc__ or "").splitlines():
         stripped = line.strip()
         head, sep, rest = stripped.partition(":")
-        if sep and head in {f.name for f in dataclasses.fields(LoRAMoEConfig)}:
+        if sep and head in names:
             current = head
             docs[current] = rest.strip()
         elif current and stripped:

@@ -1,0 +1,5 @@
+import sys
+
+from loramoe.cli import main
+
+sys.exit(main())
