@@ -25,6 +25,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    """0o666 less the process umask: the permissions ``open(path, "w")`` gives a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds it is fsynced and renamed onto ``path``.
@@ -35,6 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0o600; give it the mode a plain open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -73,8 +73,9 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
         layer = LoRAMoELinear(
-            getattr(parent, child),
+            base,
             num_experts=cfg.num_experts,
             rank=cfg.rank,
             alpha=cfg.alpha,
@@ -82,6 +83,7 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
             dropout_mode=cfg.dropout_mode,
             top_k=cfg.top_k,
         )
+        layer.train(base.training)  # a new module starts in train mode; follow the model's (eval: no dropout)
         setattr(parent, child, layer)
     setattr(model, CONFIG_ATTR, cfg)
     return model

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loramoe.errors import DataError, TrainingError
-from loramoe.inject import get_config
+from loramoe.inject import adapted_modules, get_config
 from loramoe.routing import RouterRecorder
 
 EPS = 1e-10  # the reference's epsilon in Var / (Mean^2 + eps)
@@ -139,7 +139,15 @@ def compute_loss(
     lm = outputs.loss
     lbc = lm.new_zeros((), dtype=torch.float32)
     if use_lbc:
-        if torch.is_grad_enabled() and model.training and not any(p.requires_grad for p in probs.values()):
+        routers_trainable = any(
+            layer.loramoe_router.requires_grad for layer in adapted_modules(model).values()
+        )
+        if (
+            torch.is_grad_enabled()
+            and model.training
+            and routers_trainable  # a frozen adapter (load_adapter default) legitimately gives no gradient
+            and not any(p.requires_grad for p in probs.values())
+        ):
             raise TrainingError(
                 "router probabilities carry no gradient, so the LBC cannot train the routers; this happens with "
                 "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"

@@ -1,0 +1,22 @@
+"""Shared test setup: offline, seeded, and ``tests/`` importable (``from tiny import ...``, ``from reference import ...``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Set before transformers / huggingface_hub are imported by any test module: they read it at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Tiny tensors: one intra-op thread is faster, and on a shared machine far faster than spinning several.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
