@@ -348,11 +348,12 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         )
     if run.method == "loramoe":
         logger.info("%s", summary(model))
-    dataset, stats = build_dataset(run.data, tokenizer, run.loramoe.task_names)
+    built = build_dataset(run.data, tokenizer, run.loramoe.task_names)
     trainer = LoRAMoETrainer(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=built.train,
+        eval_dataset=built.val,
         data_collator=DataCollatorForLoRAMoE(tokenizer),
         processing_class=tokenizer,
         callbacks=[CompleteCheckpointCallback()],
@@ -363,7 +364,7 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     metrics = dict(result.metrics)
-    metrics["data"] = stats.to_dict() if hasattr(stats, "to_dict") else stats
+    metrics["data"] = built.stats.to_dict()
     if trainer.is_world_process_zero():
         trainer.save_state()
         atomic_write_text(
