@@ -11,6 +11,8 @@ Design decisions:
   type k is pushed TOWARD group k (its ``1 - delta`` experts) by the ratio (1 - delta) / (1 + delta). In binary mode,
   group 0 = experts [0, N/2) serves ``downstream`` (type 0) and group 1 = experts [N/2, N) serves ``knowledge``
   (type 1): the reference's assignment (its type-1 coefficients are 1 + delta on the first half).
+  The ratio is exact when the groups have equal sizes; with unequal ``expert_groups`` the loss cannot reach zero
+  and its minimum is a compromise that still leans each type toward its own group.
 - ``compute_loss`` is the only place that walks the model: it opens a recorder, runs the model's own causal-LM
   loss, and sums the per-layer LBC terms.
 """
