@@ -324,22 +324,17 @@ def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False
     return None
 
 
-def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train as ``run`` says and write the adapter (or model), the resolved config, trainer state and metrics.
+def build_trainer(run: RunConfig) -> LoRAMoETrainer:
+    """Load the base model, adapt it as ``run.method`` says, build the data, and return the ready Trainer.
 
-    Args:
-        run: the validated run configuration.
-        resume: continue from the newest complete checkpoint in the output directory (fresh start if none).
-
-    Returns:
-        The training metrics (also written to ``train_results.json``).
+    The base model is loaded on the CPU; the Trainer places it on the device (or devices) of the run.
     """
     from loramoe.data import DataCollatorForLoRAMoE, build_dataset
     from loramoe.models import load_base
 
     args = run.training_arguments()
     out = Path(args.output_dir)
-    model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu" if args.use_cpu else None)
+    model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu")
     model = prepare_model(model, run)
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
@@ -358,13 +353,29 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[CompleteCheckpointCallback()],
     )
+    trainer.data_stats = built.stats
+    return trainer
+
+
+def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train as ``run`` says and write the adapter (or model), the resolved config, trainer state and metrics.
+
+    Args:
+        run: the validated run configuration.
+        resume: continue from the newest complete checkpoint in the output directory (fresh start if none).
+
+    Returns:
+        The training metrics (also written to ``train_results.json``).
+    """
+    trainer = build_trainer(run)
+    out = Path(trainer.args.output_dir)
     checkpoint = latest_good_checkpoint(out) if resume else None
     if resume:
         logger.info("resuming from %s", checkpoint or "the start (no complete checkpoint found)")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     metrics = dict(result.metrics)
-    metrics["data"] = built.stats.to_dict()
+    metrics["data"] = trainer.data_stats.to_dict()
     if trainer.is_world_process_zero():
         trainer.save_state()
         atomic_write_text(
