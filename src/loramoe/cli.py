@@ -70,10 +70,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(load_yaml(args.config), args.overrides)
     run = _with_source(args.config, RunConfig.from_dict, raw)
-    metrics = train(run, resume=args.resume)
+    try:
+        metrics = train(run, resume=args.resume)
+    finally:
+        _end_distributed()
     print(json.dumps({k: v for k, v in metrics.items() if k != "data"}, indent=2, default=str))
     print(f"adapter written to {run.training['output_dir']}")
     return 0
+
+
+def _end_distributed() -> None:
+    """Tear down the process group of a torchrun / accelerate launch (exiting without it can crash at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _with_source(path: str, build, raw: dict[str, Any]):
