@@ -119,8 +119,10 @@ class RunConfig:
             # Reentrant checkpointing runs the forward under no_grad, which would hide the router probabilities
             # from the LBC's gradient.
             kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        if self.method == "loramoe" and self.loramoe.top_k is not None:
-            kwargs.setdefault("ddp_find_unused_parameters", True)  # an expert may see no token in a batch
+        # Dense routing uses every adapter parameter each step; top-k may leave an expert without tokens.
+        kwargs.setdefault(
+            "ddp_find_unused_parameters", self.method == "loramoe" and self.loramoe.top_k is not None
+        )
         valid = {f.name for f in dataclasses.fields(TrainingArguments)}
         unknown = sorted(set(kwargs) - valid)
         if unknown:
