@@ -13,6 +13,7 @@ from loramoe.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapte
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject
+
 from tiny import tiny_model
 
 IDS = torch.tensor([[5, 17, 200, 33, 9, 64, 128, 3]])

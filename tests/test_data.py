@@ -26,6 +26,7 @@ from loramoe.data import (
 )
 from loramoe.errors import ConfigError, DataError
 from loramoe.formats import Example
+
 from tiny import tiny_model, tiny_tokenizer
 
 DATA_DIR = Path(

@@ -9,6 +9,7 @@ import torch
 
 from loramoe.errors import ConfigError, DataError
 from loramoe.generate import chat_loop, generate, read_prompts
+
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Hello there", "A much longer prompt, to force left padding in a batch", "x", "What is 2+2?"]

@@ -18,6 +18,7 @@ from loramoe.inject import (
     summary,
 )
 from loramoe.layer import LoRAMoELinear, is_linear_like
+
 from tiny import ARCHITECTURES, tiny_model
 
 IDS = torch.tensor([[5, 17, 200, 33, 9, 64, 128, 3], [1, 2, 3, 4, 5, 6, 7, 8]])

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loramoe.layer import LoRAMoELinear
 from loramoe.routing import RouterRecorder
+
 from reference import expert_loop_forward, expert_loop_topk_forward, plain_lora_forward
 
 # float32 fused-vs-loop: only summation order differs.

@@ -10,6 +10,7 @@ from loramoe.errors import DataError
 from loramoe.inject import adapted_modules, adapter_parameters, inject
 from loramoe.loss import check_task_types, compute_loss, lbc_coefficients, localized_balancing_loss
 from loramoe.routing import RouterRecorder
+
 from reference import lbc_coefficient, reference_lbc, reference_lbc_over_layers
 from tiny import tiny_model
 

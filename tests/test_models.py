@@ -17,6 +17,7 @@ import torch
 
 from loramoe import models
 from loramoe.errors import ConfigError
+
 from tiny import tiny_model, tiny_tokenizer
 
 CACHE_SUBDIR = Path("models") / models.DEFAULT_MODEL

@@ -10,6 +10,7 @@ from loramoe.errors import TrainingError
 from loramoe.inject import adapted_modules, inject
 from loramoe.loss import compute_loss
 from loramoe.routing import RouterRecorder, group_mass, routing_stats
+
 from tiny import tiny_model
 
 IDS = torch.tensor([[5, 17, 200, 33, 9, 64, 128], [1, 2, 3, 4, 5, 6, 7]])
