@@ -1,0 +1,360 @@
+"""Routing analysis: where each task's tokens go among the experts, per layer and per expert group.
+
+Design decisions:
+- Examples are encoded exactly as for training (``ExampleEncoder``: template, answer appended), so the router
+  sees what it saw while learning; only non-padding prompt + answer positions count.
+- Every mean is per example first (mean over its positions), then over examples, the way ``routing.group_mass``
+  and the LBC weigh samples: a long example does not outvote short ones.
+- A transformer layer's number is read from its module name (``...layers.7.mlp.up_proj`` -> 7); the modules of
+  one layer (gate/up/down) are averaged for the per-layer heatmap and reported separately in the JSON.
+- Plots need matplotlib (the ``plots`` extra), imported only when drawing.
+
+Dimensions: L adapted linears, N experts, K expert groups (= task types), B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loramoe.data import DataCollatorForLoRAMoE, ExampleEncoder
+from loramoe.errors import ConfigError
+from loramoe.files import atomic_path, atomic_write_text
+from loramoe.formats import Example
+from loramoe.inject import adapted_modules, get_config
+from loramoe.routing import RouterRecorder
+
+ROUTING_JSON = "routing.json"
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int:
+    """The transformer layer a module belongs to, from its name (``model.layers.7.mlp.up_proj`` -> 7); -1 if none."""
+    match = _LAYER_RE.search(module_name)
+    return int(match.group(1)) if match else -1
+
+
+@torch.no_grad()
+def expert_usage(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    template: str = "auto",
+    max_length: int = 512,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each example's mean router probabilities in every adapted linear.
+
+    Args:
+        model: a model with LoRAMoE layers.
+        tokenizer: its tokenizer.
+        examples: the examples (prompt + answer are both run through the model).
+        batch_size: examples per forward.
+        template: as in ``ExampleEncoder`` (match the training run's).
+        max_length: tokens per example (longer ones are cut as in training).
+        progress: show a progress bar.
+
+    Returns:
+        ``(probs, task_types)``: module name -> ``(E, N)`` float32 (each row sums to 1; mean over the example's
+        non-padding positions) and the examples' task types ``(E,)``.
+    """
+    if not adapted_modules(model):
+        raise ConfigError("routing analysis needs a LoRAMoE model; this one has no LoRAMoE layers")
+    encoder = ExampleEncoder(tokenizer, template=template, max_length=max_length)
+    collate = DataCollatorForLoRAMoE(tokenizer)
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(examples), batch_size), desc="routing", disable=not progress):
+            batch = collate([encoder.encode(e)[0] for e in examples[start : start + batch_size]])
+            mask_BT1 = batch["attention_mask"].to(device, torch.float32).unsqueeze(-1)  # (B, T, 1)
+            with RouterRecorder(model, detach=True) as rec:
+                model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                )
+            for name, (probs_BTN,) in rec.probs.items():  # one forward: one record per module
+                mean_BN = (probs_BTN.float() * mask_BT1).sum(1) / mask_BT1.sum(1).clamp_min(1.0)
+                out.setdefault(name, []).append(mean_BN.cpu())
+    finally:
+        model.train(was_training)
+    task_types = torch.tensor([e.task_type for e in examples], dtype=torch.long)
+    return {name: torch.cat(chunks) for name, chunks in out.items()}, task_types
+
+
+def summarize(
+    usage: Mapping[str, Mapping[str, torch.Tensor]],
+    task_types: Mapping[str, torch.Tensor],
+    *,
+    group_of_expert: Sequence[int],
+    task_names: Sequence[str],
+) -> dict[str, Any]:
+    """Turn per-example usage into the report's numbers (pure: tensors in, JSON-ready dict out).
+
+    Args:
+        usage: task -> module name -> ``(E, N)`` per-example mean probabilities (``expert_usage``).
+        task_types: task -> ``(E,)`` task types of its examples.
+        group_of_expert: the task type each expert serves (``LoRAMoEConfig.group_of_expert()``).
+        task_names: names of the task types (= names of the expert groups).
+
+    Returns:
+        ``tasks``: per task its ``examples``, ``task_type`` (the most common one), ``mean`` (N), ``per_layer``
+        (layer -> N), ``per_module`` (name -> N) and ``group_mass`` (group name -> mass; sums to 1);
+        ``task_types``: per task type present, its ``examples`` and ``group_mass`` over all its examples.
+    """
+    onehot_NK = torch.nn.functional.one_hot(torch.as_tensor(list(group_of_expert)), len(task_names)).float()
+    tasks: dict[str, Any] = {}
+    by_type: dict[int, list[torch.Tensor]] = {}
+    for task, modules in usage.items():
+        names = list(modules)
+        stacked_LEN = torch.stack([modules[n] for n in names])  # (L, E, N)
+        per_example_EN = stacked_LEN.mean(0)  # (E, N): mean over adapted linears
+        types = task_types[task]
+        for t in types.unique().tolist():
+            by_type.setdefault(int(t), []).append(per_example_EN[types == t])
+        layers = sorted({layer_index(n) for n in names})
+        per_layer = {
+            str(i): stacked_LEN[[j for j, n in enumerate(names) if layer_index(n) == i]].mean((0, 1)).tolist()
+            for i in layers
+        }
+        mean_N = per_example_EN.mean(0)
+        tasks[task] = {
+            "examples": int(per_example_EN.shape[0]),
+            "task_type": task_names[int(types.mode().values)],
+            "mean": mean_N.tolist(),
+            "per_layer": per_layer,
+            "per_module": {n: stacked_LEN[j].mean(0).tolist() for j, n in enumerate(names)},
+            "group_mass": dict(zip(task_names, (mean_N @ onehot_NK).tolist())),
+        }
+    type_mass = {}
+    for t in sorted(by_type):
+        rows_EN = torch.cat(by_type[t])
+        type_mass[task_names[t]] = {
+            "examples": int(rows_EN.shape[0]),
+            "group_mass": dict(zip(task_names, (rows_EN.mean(0) @ onehot_NK).tolist())),
+        }
+    return {"tasks": tasks, "task_types": type_mass}
+
+
+def routing_report(
+    model: nn.Module,
+    tokenizer: Any,
+    task_examples: Mapping[str, Sequence[Example]],
+    out_dir: str | Path,
+    *,
+    max_examples: int = 64,
+    batch_size: int = 8,
+    template: str = "auto",
+    max_length: int = 512,
+    plot: bool = True,
+    prefix: str = "routing",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Record where each task's tokens are routed and write the JSON, a markdown table and the figures.
+
+    Writes into ``out_dir``: ``{prefix}.json`` (every number), ``{prefix}.md`` (the group-mass table),
+    ``{prefix}_layers.png`` (tasks x experts heatmap per layer), ``{prefix}_mean.png`` (averaged over layers)
+    and ``{prefix}_groups.png`` (mass per expert group, bars).
+
+    Args:
+        model: a LoRAMoE-adapted model.
+        tokenizer: its tokenizer.
+        task_examples: task name -> its examples (their ``task_type`` decides the task-type rows).
+        out_dir: the output folder (created).
+        max_examples: the first this many examples of each task are used.
+        batch_size: examples per forward.
+        template: the prompt template, as in training (``ExampleEncoder``).
+        max_length: tokens per example.
+        plot: draw the PNGs (needs matplotlib).
+        prefix: file name prefix.
+        progress: show progress bars.
+
+    Returns:
+        The report (as written to the JSON): ``num_experts``, ``group_of_expert``, ``task_names``, ``layers``,
+        ``tasks`` and ``task_types`` (see ``summarize``), and ``files``.
+
+    Raises:
+        ConfigError: no tasks, a task without examples, a bad ``max_examples``, or a model without LoRAMoE layers.
+    """
+    if not task_examples:
+        raise ConfigError("routing_report needs at least one task with examples")
+    if not isinstance(max_examples, int) or max_examples < 1:
+        raise ConfigError(f"max_examples must be an int >= 1, got {max_examples!r}")
+    empty = [name for name, exs in task_examples.items() if not exs]
+    if empty:
+        raise ConfigError(f"task(s) {empty} have no examples")
+    cfg = get_config(model)
+    usage, types = {}, {}
+    for name, examples in task_examples.items():
+        usage[name], types[name] = expert_usage(
+            model, tokenizer, list(examples)[:max_examples], batch_size=batch_size, template=template,
+            max_length=max_length, progress=progress,
+        )  # fmt: skip
+    report: dict[str, Any] = {
+        "num_experts": cfg.num_experts,
+        "group_of_expert": cfg.group_of_expert(),
+        "task_names": list(cfg.task_names),
+        **summarize(usage, types, group_of_expert=cfg.group_of_expert(), task_names=cfg.task_names),
+    }
+    report["layers"] = sorted({int(i) for t in report["tasks"].values() for i in t["per_layer"]})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / f"{prefix}.json"), "table": str(out / f"{prefix}.md")}
+    if plot:
+        files |= draw_routing(report, out, prefix=prefix)
+    report["files"] = files
+    atomic_write_text(out / f"{prefix}.md", routing_markdown(report))
+    atomic_write_text(out / f"{prefix}.json", json.dumps(report, indent=1))
+    return report
+
+
+def routing_markdown(report: Mapping[str, Any]) -> str:
+    """The group-mass table: one row per task and per task type, one column per expert group."""
+    groups = list(report["task_names"])
+    head = "| task | type | examples | " + " | ".join(f"mass on {g} experts" for g in groups) + " |"
+    lines = [head, "|" + "---|" * (3 + len(groups))]
+    for name, task in report["tasks"].items():
+        masses = " | ".join(f"{task['group_mass'][g]:.3f}" for g in groups)
+        lines.append(f"| {name} | {task['task_type']} | {task['examples']} | {masses} |")
+    for type_name, row in report["task_types"].items():
+        masses = " | ".join(f"**{row['group_mass'][g]:.3f}**" for g in groups)
+        lines.append(f"| **all {type_name}** | {type_name} | {row['examples']} | {masses} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_routing(report: Mapping[str, Any], out_dir: Path, *, prefix: str = "routing") -> dict[str, str]:
+    """Draw the per-layer heatmap grid, the layer-averaged heatmap and the group-mass bars; return their paths."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "routing plots need matplotlib: pip install 'loramoe[plots]' (or plot=False)"
+        ) from e
+    tasks, layers, n = list(report["tasks"]), report["layers"], report["num_experts"]
+    labels = [f"{t} ({report['tasks'][t]['task_type'][:4]})" for t in tasks]
+    groups = report["group_of_expert"]
+    files = {}
+
+    def save(fig: Figure, kind: str) -> None:
+        FigureCanvasAgg(fig)
+        path = out_dir / f"{prefix}_{kind}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        files[kind] = str(path)
+
+    def heat(ax: Any, matrix: torch.Tensor, title: str, *, ticks: bool) -> Any:
+        image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(n), [f"{e}\n{report['task_names'][groups[e]][:4]}" for e in range(n)] if ticks
+                      else [str(e) for e in range(n)], fontsize=6)  # fmt: skip
+        ax.set_yticks(range(len(tasks)), labels if ticks else [""] * len(tasks), fontsize=7)
+        ax.axvline(sum(g == 0 for g in groups) - 0.5, color="white", lw=1)  # first group boundary
+        return image
+
+    cols = min(6, len(layers))
+    rows = -(-len(layers) // cols)
+    fig = Figure(figsize=(2.3 * cols + 2, 0.25 * len(tasks) * rows + 1.4 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(layers):
+            ax.set_visible(False)
+            continue
+        m = torch.tensor([report["tasks"][t]["per_layer"][str(layers[k])] for t in tasks])  # (tasks, N)
+        image = heat(ax, m, f"layer {layers[k]}", ticks=k % cols == 0)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="mean router probability")
+    fig.suptitle("Router probability per task (rows) and expert (columns), by layer")
+    save(fig, "layers")
+
+    fig = Figure(figsize=(1.0 + 0.55 * n + 2.0, 0.45 * len(tasks) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    image = heat(
+        ax, torch.tensor([report["tasks"][t]["mean"] for t in tasks]), "mean over layers", ticks=True
+    )
+    fig.colorbar(image, ax=ax, label="mean router probability")
+    save(fig, "mean")
+
+    fig = Figure(figsize=(max(4.0, 0.9 * len(tasks) + 2.5), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(report["task_names"])
+    width = 0.8 / len(names)
+    for g, group in enumerate(names):
+        xs = [i + (g - (len(names) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(
+            xs,
+            [report["tasks"][t]["group_mass"][group] for t in tasks],
+            width=width,
+            label=f"{group} experts",
+        )
+    ax.axhline(1.0 / len(names), color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(tasks)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("router mass")
+    ax.set_ylim(0, 1)
+    ax.set_title("Router mass on each expert group")
+    ax.legend(fontsize="small")
+    save(fig, "groups")
+    return files
+
+
+def parse_data_arg(spec: str, task_names: Sequence[str]) -> tuple[str, str, str | int | None]:
+    """``name=path[:task_type]`` -> ``(name, path, task_type or None)``; the suffix counts only if it is a task type."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ConfigError(
+            f"--data {spec!r} must look like name=path[:task_type], e.g. trivia=qa.jsonl:knowledge"
+        )
+    path, colon, task_type = rest.rpartition(":")
+    if colon and path and (task_type in task_names or task_type.isdigit()):
+        return name, path, int(task_type) if task_type.isdigit() else task_type
+    return name, rest, None
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Add ``loramoe routing`` to the command line."""
+    p = sub.add_parser("routing", help="heatmaps and group masses of an adapter's routing per task")
+    p.add_argument("--adapter", required=True, help="a LoRAMoE training output / adapter directory")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    p.add_argument(
+        "--data", action="append", required=True, metavar="NAME=PATH[:TASK_TYPE]",
+        help="a task's examples (JSON/JSONL, any training format); the optional task type overrides the "
+        "records' own (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder for routing.json, routing.md and the PNGs")
+    p.add_argument("--max-examples", type=int, default=64, help="examples per task (the first ones)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--template", default="auto", help="auto, chat or plain (as in training)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON and table only (no matplotlib)")
+    p.set_defaults(func=_cmd_routing)
+
+
+def _cmd_routing(args: argparse.Namespace) -> int:
+    from loramoe.data import SourceConfig, load_examples
+    from loramoe.train import load_trained
+
+    model, tokenizer = load_trained(args.adapter, base=args.model, dtype=args.dtype)
+    if not adapted_modules(model):
+        raise ConfigError(f"{args.adapter}: not a LoRAMoE adapter (no router to analyse)")
+    names = get_config(model).task_names
+    tasks = {}
+    for spec in args.data:
+        name, path, task_type = parse_data_arg(spec, names)
+        tasks[name] = load_examples(SourceConfig(path=path, name=name, task_type=task_type), names)
+    report = routing_report(
+        model, tokenizer, tasks, args.out, max_examples=args.max_examples, batch_size=args.batch_size,
+        template=args.template, plot=not args.no_plot,
+    )  # fmt: skip
+    print(routing_markdown(report), end="")
+    print(f"written to {args.out}: " + ", ".join(Path(f).name for f in report["files"].values()))
+    return 0
