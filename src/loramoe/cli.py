@@ -54,15 +54,27 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = config
+        node: Any = config
         parts = key.split(".")
         for part in parts[:-1]:
+            if isinstance(node, list):  # data.sources.0.path: an index into a list
+                node = node[_index(item, part, node)]
+                continue
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_index(item, parts[-1], node)] = value
+        else:
+            node[parts[-1]] = value
     return config
+
+
+def _index(item: str, part: str, items: list) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {item!r}: {part!r} is not an index of a list of {len(items)} items")
+    return int(part)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
