@@ -9,12 +9,15 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from loramoe.errors import ConfigError, LoRAMoEError
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -54,6 +57,8 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _NUMBER.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
         node: Any = config
         parts = key.split(".")
         for part in parts[:-1]:
