@@ -28,7 +28,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p}: not UTF-8 text ({err.reason}); save the config as UTF-8") from err
     except yaml.YAMLError as err:
@@ -41,6 +41,19 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_loader():
+    """A SafeLoader that also reads ``1e-4`` (no dot, valid YAML 1.2) as a float, as users expect."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$"), list("-+0123456789.")
+    )
+    return Loader
 
 
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
