@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,11 @@ class LoRAMoETrainer(Trainer):
                 )
         return (parts.total, parts.outputs) if return_outputs else parts.total
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # A finite loss at step N does not make the update of step N finite; never mark such weights as good.
+        check_parameters_finite(self.model, self.state.global_step)
+        super()._save_checkpoint(model, trial)
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         if self.model.training and not bool(torch.isfinite(loss.detach()).all()):
             last = latest_good_checkpoint(self.args.output_dir, quiet=True)
@@ -280,6 +286,19 @@ class LoRAMoETrainer(Trainer):
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
 
+def check_parameters_finite(model: nn.Module, step: int) -> None:
+    """Raise ``TrainingError`` naming ``step`` if a trainable parameter holds NaN or infinity."""
+    bad = [
+        name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())
+    ]
+    if bad:
+        raise TrainingError(
+            f"parameters became NaN or infinite after step {step} ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+            "they were not saved. Lower the learning rate or check the data, then resume from the last good "
+            "checkpoint."
+        )
+
+
 class CompleteCheckpointCallback(TrainerCallback):
     """After a checkpoint is fully written, record the checksum of each of its files in a marker, atomically."""
 
@@ -307,23 +326,38 @@ def checkpoint_is_complete(folder: Path) -> bool:
         return False
 
 
+def _checkpoints(root: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``root``, newest (largest N) first."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose completion marker verifies; torn ones are reported."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = sorted(
-        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))),
-        reverse=True,
-    )
-    for _, folder in found:
+    for folder in _checkpoints(Path(output_dir)):
         if checkpoint_is_complete(folder):
             return str(folder)
         if not quiet:
             logger.warning(
-                "skipping %s: torn or incomplete checkpoint (no valid %s)", folder, COMPLETE_MARKER
+                "skipping %s: torn or incomplete checkpoint (no valid %s); using an older one",
+                folder,
+                COMPLETE_MARKER,
             )
     return None
+
+
+def _remove_torn_checkpoints(root: Path, keep: str | None) -> None:
+    """Delete the checkpoints newer than ``keep`` (all when None): they are torn, and the resumed run would
+    otherwise write its own checkpoint of the same step over their leftovers."""
+    for folder in _checkpoints(root):
+        if keep is not None and folder == Path(keep):
+            return
+        logger.warning("removing torn checkpoint %s", folder)
+        shutil.rmtree(folder)
 
 
 def build_trainer(run: RunConfig) -> LoRAMoETrainer:
@@ -331,11 +365,16 @@ def build_trainer(run: RunConfig) -> LoRAMoETrainer:
 
     The base model is loaded on the CPU; the Trainer places it on the device (or devices) of the run.
     """
+    from transformers import set_seed
+
     from loramoe.data import DataCollatorForLoRAMoE, build_dataset
     from loramoe.models import load_base
 
     args = run.training_arguments()
     out = Path(args.output_dir)
+    # The adapter's initialisation draws from the global RNG: seed it (as the Trainer does later) so that a run,
+    # and a resumed run, are reproducible in one process as well as in a fresh one.
+    set_seed(args.seed)
     model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu")
     model = prepare_model(model, run)
     if args.should_save:
@@ -374,7 +413,10 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     checkpoint = latest_good_checkpoint(out) if resume else None
     if resume:
         logger.info("resuming from %s", checkpoint or "the start (no complete checkpoint found)")
+        if trainer.args.should_save:
+            _remove_torn_checkpoints(out, checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    check_parameters_finite(trainer.model, trainer.state.global_step)
     trainer.save_model(str(out))
     metrics = dict(result.metrics)
     metrics["data"] = trainer.data_stats.to_dict()
