@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoRAMoEError as err:
         if args.verbose:
             raise
-        print(f"loramoe {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split("\n"))  # one line, even when a wrapped library message has several
+        print(f"loramoe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loramoe {args.command}: interrupted", file=sys.stderr)

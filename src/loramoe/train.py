@@ -15,6 +15,7 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loramoe.adapter import load_adapter_weights, save_adapter
 from loramoe.config import LoRAMoEConfig
-from loramoe.errors import ConfigError, TrainingError
+from loramoe.errors import AdapterError, ConfigError, LoRAMoEError, TrainingError
 from loramoe.files import atomic_write_text, sha256_file
 from loramoe.inject import CONFIG_ATTR, get_config, inject, resolve_targets, summary
 from loramoe.layer import linear_features
@@ -59,6 +60,16 @@ class LoraBaselineConfig:
     rank: int | None = None
     alpha: float | None = None
     dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank": (_is_int(self.rank) and self.rank >= 1, "an integer >= 1 or null"),
+            "alpha": (_is_number(self.alpha) and self.alpha > 0, "a positive number or null"),
+            "dropout": (_is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1) or null"),
+        }
+        for name, (ok, need) in checks.items():
+            if getattr(self, name) is not None and not ok:
+                raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -90,18 +101,27 @@ class RunConfig:
             raise ConfigError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must be a model name or path, e.g. smollm2-135m-instruct")
-        if isinstance(self.loramoe, dict):
+        from loramoe.models import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.loramoe, LoRAMoEConfig):
             self.loramoe = _sub("loramoe", LoRAMoEConfig.from_dict, self.loramoe)
-        if isinstance(self.lora, dict):
+        if not isinstance(self.lora, LoraBaselineConfig):
             self.lora = _sub("lora", lambda d: _dataclass_from_dict(LoraBaselineConfig, d, "lora"), self.lora)
         if self.data is None:
             raise ConfigError("data is missing: give data.sources, a list of {path: ..., task_type: ...}")
-        if isinstance(self.data, dict):
+        if not isinstance(self.data, DataConfig):
             self.data = _sub("data", DataConfig.from_dict, self.data)
         if not isinstance(self.training, dict):
             raise ConfigError("training must be a mapping of TrainingArguments names to values")
         if not self.training.get("output_dir"):
             raise ConfigError("training.output_dir is missing: where should the adapter and checkpoints go?")
+        out = self.training["output_dir"]
+        if not isinstance(out, (str, os.PathLike)):
+            raise ConfigError(f"training.output_dir must be a directory path, got {out!r}")
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"training.output_dir {str(out)!r} is a file; give a directory (it is created)")
         self.training_arguments()  # validate names and values now, not after the model is loaded
 
     def training_arguments(self) -> TrainingArguments:
@@ -130,10 +150,13 @@ class RunConfig:
             raise ConfigError(
                 f"unknown training argument(s) {unknown}; use transformers.TrainingArguments names"
             )
+        for key in self.training:
+            _check_training_value(key, kwargs[key])
         try:
             return TrainingArguments(**kwargs)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"training: {err}") from err
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"training: {reason}") from err
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -149,6 +172,76 @@ class RunConfig:
             "data": self.data.to_dict(),
             "training": dict(self.training),
         }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# TrainingArguments fields whose out-of-range values transformers accepts and then fails on (or ignores) later.
+_TRAINING_RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "save_steps": (lambda v: v > 0, "> 0 (a fraction < 1 is a share of the total steps)"),
+    "logging_steps": (lambda v: v > 0, "> 0 (a fraction < 1 is a share of the total steps)"),
+    "eval_steps": (lambda v: v is None or v > 0, "> 0 or null"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "> 0"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "data_seed": (lambda v: v is None or 0 <= v < 2**32, "in [0, 2**32) or null"),
+    "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+    "save_total_limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
+}
+_SIMPLE_TYPES: dict[type, tuple[Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (_is_int, "an integer"),
+    float: (_is_number, "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+@functools.cache
+def _training_hints() -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(TrainingArguments)
+
+
+def _check_training_value(key: str, value: Any) -> None:
+    """Check a ``TrainingArguments`` value of a plain type (bool, int, float, str, or one of them or null) and the
+    ranges in ``_TRAINING_RANGES``; transformers itself checks neither, and fails far later on a wrong one."""
+    import types
+    import typing
+
+    hint = _training_hints().get(key)
+    options = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is Union
+        else (hint,)
+    )
+    nullable = type(None) in options
+    simple = [t for t in options if t is not type(None)]
+    plain = simple and all(t in _SIMPLE_TYPES for t in simple) and not (value is None and nullable)
+    if plain and not any(_SIMPLE_TYPES[t][0](value) for t in simple):
+        need = " or ".join(_SIMPLE_TYPES[t][1] for t in simple) + (" or null" if nullable else "")
+        raise ConfigError(f"training.{key} must be {need}, got {value!r}")
+    rule = _TRAINING_RANGES.get(key)
+    if rule is not None and value is not None:
+        ok, need = rule
+        if not _is_number(value) or not ok(value):
+            raise ConfigError(f"training.{key} must be {need}, got {value!r}")
 
 
 def _dataclass_from_dict(cls, data: Any, where: str):
@@ -445,7 +538,7 @@ def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dty
     Returns:
         ``(model, tokenizer)`` in eval mode.
     """
-    from loramoe.adapter import CONFIG_NAME, read_adapter_config
+    from loramoe.adapter import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, read_adapter_config
     from loramoe.adapter import load_adapter as _load_adapter
     from loramoe.models import load_base
 
@@ -454,20 +547,87 @@ def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dty
             raise ConfigError("give a base model (--model) or an adapter directory (--adapter)")
         return load_base(base, dtype=dtype)
     folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(
+            f"{folder}: adapter directory not found; give a training output or adapter directory"
+        )
     config_file = folder / CONFIG_NAME
     if config_file.is_file():
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
+        meta = _read_json(config_file)
         if isinstance(meta, dict) and "peft_type" in meta:  # the LoRA baseline
-            from peft import PeftModel
-
-            model, tokenizer = load_base(base or meta.get("base_model_name_or_path"), dtype=dtype)
-            return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer
+            return _load_peft(folder, meta, base, dtype)
         _, meta = read_adapter_config(folder)
         name = base or (meta.get("base_model") or {}).get("name_or_path")
         if not name:
-            raise ConfigError(f"{config_file}: the adapter does not name its base model; pass --model")
+            raise AdapterError(f"{config_file}: the adapter does not name its base model; pass --model")
         model, tokenizer = load_base(name, dtype=dtype)
         return _load_adapter(model, folder).eval(), tokenizer
     if (folder / "config.json").is_file():  # full fine-tuning output
-        return load_base(str(folder), dtype=dtype)
-    raise ConfigError(f"{folder}: neither an adapter ({CONFIG_NAME}) nor a model directory (config.json)")
+        _refuse_pickle_only(folder, "model.safetensors")
+        return _third_party_load(folder / "config.json", lambda: load_base(str(folder), dtype=dtype))
+    if (folder / WEIGHTS_NAME).is_file() or any((folder / n).is_file() for n in PICKLE_NAMES):
+        _refuse_pickle_only(folder, WEIGHTS_NAME)
+        raise AdapterError(
+            f"{config_file}: missing; an adapter needs it next to {WEIGHTS_NAME}. Copy it from the training "
+            "output directory"
+        )
+    raise AdapterError(
+        f"{folder}: neither an adapter ({CONFIG_NAME}) nor a model directory (config.json); give the training "
+        "output directory"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(
+            f"{path}: not valid JSON ({str(err).splitlines()[0]}); the file is damaged, save the adapter again"
+        ) from err
+
+
+def _refuse_pickle_only(folder: Path, safe_name: str) -> None:
+    """Loading is data only: a folder whose weights exist only as pickle files is refused, with the reason."""
+    from loramoe.adapter import PICKLE_NAMES
+
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [n for n in PICKLE_NAMES if (folder / n).is_file()]
+    if pickles:
+        raise AdapterError(
+            f"{folder / pickles[0]}: refusing to load a pickle file (unpickling can run arbitrary code); loramoe "
+            f"loads {safe_name} only. Convert it to safetensors where you trust its origin."
+        )
+
+
+def _third_party_load(path: Path, load):
+    """Run a PEFT / transformers loader; what it raises about damaged files becomes an AdapterError naming them."""
+    try:
+        return load()
+    except LoRAMoEError:
+        raise
+    except Exception as err:  # safetensors, PEFT and transformers raise many types for a damaged file
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise AdapterError(
+            f"{path.parent}: cannot load ({type(err).__name__}: {reason}); the files are damaged or incomplete, "
+            "use an intact copy of the training output"
+        ) from err
+
+
+def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str):
+    from loramoe.models import load_base
+
+    name = base or meta.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'}: the adapter does not name its base model; pass --model"
+        )
+    _refuse_pickle_only(folder, "adapter_model.safetensors")
+    model, tokenizer = load_base(name, dtype=dtype)
+
+    def load():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(folder)).eval()
+
+    return _third_party_load(folder / "adapter_config.json", load), tokenizer
