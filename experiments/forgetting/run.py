@@ -1,0 +1,486 @@
+"""Forgetting experiment: does LoRAMoE keep world knowledge through SFT better than LoRA / full fine-tuning?
+
+A CPU-scale reproduction of the LoRAMoE paper's claim (arXiv 2312.09979): SFT SmolLM2-135M-Instruct on a mixture of
+downstream tasks (SST-2, AG News, RTE, BoolQ, XSum, Alpaca) and closed-book QA (NQ-open dev, WebQuestions train) at
+several sizes, with four methods, and score every checkpoint on knowledge suites that are NOT in the mixture (TREC,
+EfficientQA, ROME, LAMA) and on the downstream suites.
+
+Usage (from the repository root):
+
+    .venv/bin/python experiments/forgetting/run.py --smoke          # ~2 min toy run of the whole pipeline
+    nohup .venv/bin/python experiments/forgetting/run.py > runs/forgetting/driver.log 2>&1 &
+    .venv/bin/python experiments/forgetting/run.py --report         # table + figures into docs/
+
+Every run writes ``runs/forgetting/<run>/eval.json``; a run with that file is skipped, a run with a finished
+training output (``train_results.json``) is only evaluated, so the driver resumes after an interruption.
+
+The evaluator is deliberately lean (small fixed subsets, identical for every checkpoint) because the whole
+experiment must fit in ~2 CPU-hours; it reuses the eval splits and the ROME/LAMA distractors of
+``loramoe.tasks.utils`` so the rows it scores are the colleague's lm-eval rows (held-out BoolQ / XSum tails).
+Prompts are wrapped in the model's chat template, exactly as ``loramoe.data`` formats the SFT records, except
+the ROME/LAMA ranking probes, which score plain-text cloze continuations (format-free knowledge probes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+DATA = (REPO / ".." / "shared" / "data").resolve()
+OUT = REPO / "runs" / "forgetting"
+BASE_CONFIG = HERE / "base.yaml"
+
+log = logging.getLogger("forgetting")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+
+SIZES = [160, 16, 48]  # SFT samples; largest first (most informative), then the cheap smallest
+METHODS = {
+    # name: (method, overrides); lr is fixed per method family, chosen once before any result (see README)
+    "loramoe": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 0.1}}),
+    "lora": ("lora", {}),
+    "full": ("full", {}),
+    "loramoe_nolbc": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 0.0}}),
+}
+SWEEP = {  # at the largest size only
+    "loramoe_d0.3_w0.1": ("loramoe", {"loramoe": {"lbc_delta": 0.3, "lbc_weight": 0.1}}),
+    "loramoe_d0.1_w1.0": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0}}),
+}
+LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
+
+KNOWLEDGE = ["trec", "efficientqa", "rome", "lama"]
+DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
+EVAL_N = {"trec": 40, "efficientqa": 30, "rome": 50, "lama": 50,
+          "sst2": 40, "rte": 30, "boolq": 30, "agnews": 30, "xsum": 6}  # fmt: skip
+SMOKE_N = dict.fromkeys(EVAL_N, 3)
+MAX_NEW_TOKENS = 16
+XSUM_NEW_TOKENS = 32
+PASSAGE_CHARS = 300  # BoolQ passages, AG News and XSum articles cut to this (train and eval alike)
+
+
+def plan(smoke: bool) -> list[tuple[str, str, dict, int]]:
+    """(run name, method, overrides, size), in the order they run."""
+    if smoke:
+        return [(f"{m}_n8", *METHODS[m], 8) for m in ("loramoe", "lora", "full")]
+    runs = [(f"{m}_n{n}", *METHODS[m], n) for n in SIZES for m in METHODS]
+    runs += [(f"{m}_n{SIZES[0]}", *spec, SIZES[0]) for m, spec in SWEEP.items()]
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: SFT mixture (converted at run time into the gitignored run directory) and the fixed eval sets
+
+SST2_LABELS = ["negative", "positive"]
+AG_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+YES_NO = ["no", "yes"]
+
+INSTR = {
+    "sst2": "Classify the sentiment of this sentence as positive or negative.",
+    "agnews": "Classify the topic of this news article as World, Sports, Business or Sci/Tech.",
+    "rte": "Does the premise entail the hypothesis? Answer yes or no.",
+    "boolq": "Answer the question about the passage with yes or no.",
+    "xsum": "Summarize the article in one sentence.",
+}
+
+
+def _cut(text: str, n: int = PASSAGE_CHARS) -> str:
+    from loramoe.tasks.utils import _truncate_words
+
+    return _truncate_words(" ".join(text.split()), n)
+
+
+def _tsv(path: Path, header: bool, names: list[str] | None = None) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = list(reader)
+    if header:
+        names, rows = rows[0], rows[1:]
+    return [dict(zip(names, r, strict=False)) for r in rows if r]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _record(task: str, row: dict) -> tuple[str, str]:
+    """(input text, gold label/answer) of one downstream row, in the same format for training and eval."""
+    from loramoe.tasks.utils import _clean_ag_text
+
+    if task == "sst2":
+        return row["sentence"].strip(), SST2_LABELS[int(row["label"])]
+    if task == "agnews":
+        return _cut(_clean_ag_text(row["text"])), row["label"]
+    if task == "rte":
+        gold = "yes" if row["label"] == "entailment" else "no"
+        return f"Premise: {row['sentence1']}\nHypothesis: {row['sentence2']}", gold
+    if task == "boolq":
+        gold = "yes" if str(row["answer"]) == "True" else "no"
+        return f"Passage: {_cut(row['passage'])}\nQuestion: {row['question']}?", gold
+    if task == "xsum":
+        return f"Article: {_cut(row['document'])}", row["summary"].strip()
+    raise ValueError(task)
+
+
+def downstream_rows(task: str, split: str) -> list[dict]:
+    """SFT ("train") or eval ("eval") rows; the two are disjoint for every task (see README)."""
+    from loramoe.tasks.utils import BOOLQ_EVAL_ROWS, XSUM_EVAL_ROWS
+
+    if task == "sst2":
+        f = "train_full.tsv" if split == "train" else "dev.tsv"
+        return _tsv(DATA / "sst2" / f, header=True)
+    if task == "agnews":
+        f = "dev.tsv" if split == "train" else "test.tsv"
+        return _tsv(DATA / "ag_news" / f, header=False, names=["text", "label"])
+    if task == "rte":
+        f = "train.tsv" if split == "train" else "dev.tsv"
+        return _tsv(DATA / "rte" / f, header=True)
+    if task == "boolq":
+        rows = _jsonl(DATA / "boolq" / "dev.jsonl")
+        cut = len(rows) - BOOLQ_EVAL_ROWS
+        return rows[:cut] if split == "train" else rows[cut:]
+    if task == "xsum":
+        rows = _jsonl(DATA / "xsum_1k" / "test.jsonl")
+        cut = len(rows) - XSUM_EVAL_ROWS
+        return rows[:cut] if split == "train" else rows[cut:]
+    raise ValueError(task)
+
+
+def prepare_sft_data(folder: Path, pool: int = 1000) -> dict[str, Path]:
+    """Write each downstream source as alpaca JSONL (a seeded pool of rows); returns name -> file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for task in ["sst2", "agnews", "rte", "boolq", "xsum"]:
+        path = folder / f"{task}.jsonl"
+        files[task] = path
+        if path.exists():
+            continue
+        rows = downstream_rows(task, "train")
+        rows = random.Random(f"sft:{task}").sample(rows, min(pool, len(rows)))
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                text, gold = _record(task, row)
+                f.write(json.dumps({"instruction": INSTR[task], "input": text, "output": gold}) + "\n")
+    return files
+
+
+def sft_sources(files: dict[str, Path]) -> list[dict]:
+    """The mixture: 8 sources, equal shares (6 downstream = 75 %, 2 closed-book QA = 25 %)."""
+    share = 1.0 / 8
+    down = [
+        {"path": str(files[t]), "name": t, "format": "alpaca"}
+        for t in ["sst2", "agnews", "rte", "boolq", "xsum"]
+    ]
+    down.append(
+        {"path": str(DATA / "alpaca_5000" / "alpaca_5000.json"), "name": "alpaca", "skip_invalid": True}
+    )
+    know = [
+        {"path": str(DATA / "nq_open" / "NQ-open.dev.jsonl"), "name": "nq_dev", "format": "qa"},
+        {
+            "path": str(DATA / "webquestions" / "trainmodel.json"),
+            "name": "webq_train",
+            "format": "qa",
+            "columns": {"question": "qText"},
+        },
+    ]
+    for s in down:
+        s.update(task_type="downstream", ratio=share)
+    for s in know:
+        s.update(task_type="knowledge", ratio=share)
+    return down + know
+
+
+def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
+    """Fixed, seeded eval subsets (identical for every checkpoint)."""
+    from loramoe.tasks.utils import load_lama, load_rome
+
+    sets: dict[str, list[dict]] = {}
+    trec = _tsv(
+        DATA / "trec_factoid_curated" / "curated-test.tsv", False, ["id", "type", "question", "pattern"]
+    )
+    sets["trec"] = [{"prompt": r["question"], "golds": [r["pattern"]]} for r in trec[: n["trec"]]]
+    eqa = _jsonl(DATA / "nq_open" / "NQ-open.efficientqa.dev.1.1.jsonl")
+    sets["efficientqa"] = [{"prompt": r["question"], "golds": r["answer"]} for r in eqa[: n["efficientqa"]]]
+    rome = list(load_rome(str(DATA))["test"])
+    rome = random.Random("forgetting:rome").sample(rome, n["rome"])
+    lama = list(load_lama(str(DATA / "lama_trex_pararel"))["test"])[: n["lama"]]
+    for name, rows in (("rome", rome), ("lama", lama)):
+        sets[name] = [
+            {"prompt": r["prompt"], "choices": [c + r["suffix"] for c in r["choices"]], "gold": r["gold"]}
+            for r in rows
+        ]
+    labels = {"sst2": SST2_LABELS, "agnews": AG_LABELS, "rte": YES_NO, "boolq": YES_NO}
+    for task in DOWNSTREAM:
+        rows = random.Random(f"forgetting:{task}").sample(downstream_rows(task, "eval"), n[task])
+        items = []
+        for row in rows:
+            text, gold = _record(task, row)
+            item = {"prompt": f"{INSTR[task]}\n{text}"}
+            if task == "xsum":
+                item["golds"] = [gold]
+            else:
+                item["choices"], item["gold"] = labels[task], labels[task].index(gold)
+            items.append(item)
+        sets[task] = items
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lean evaluator
+
+
+def _chat_ids(tok, prompt: str) -> list[int]:
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _choice_scores(model, tok, items: list[dict], chat: bool, batch: int = 16) -> list[int]:
+    """Index of the highest summed log-likelihood choice per item (lm-eval's ``acc``).
+
+    Single-token choices share one forward pass per item (their log-prob is read at the last context position);
+    each multi-token choice gets its own sequence.
+    """
+    import torch
+
+    seqs = []  # (item, ids, n_ctx)
+    need = []  # per item: list of (choice, seq index, n continuation tokens)
+    for i, it in enumerate(items):
+        ctx = (
+            _chat_ids(tok, it["prompt"]) if chat else tok(it["prompt"], add_special_tokens=False)["input_ids"]
+        )
+        conts = [tok(c if chat else " " + c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
+        multi = [j for j, c in enumerate(conts) if len(c) > 1]
+        first = len(seqs)
+        for j in multi or [0]:
+            seqs.append((i, ctx + conts[j], len(ctx)))
+        need.append([(j, first + (multi.index(j) if j in multi else 0), c) for j, c in enumerate(conts)])
+    logps: list[Any] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k][1]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.no_grad():
+        for s in range(0, len(order), batch):
+            chunk = order[s : s + batch]
+            width = max(len(seqs[k][1]) for k in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, k in enumerate(chunk):
+                ids[r, : len(seqs[k][1])] = torch.tensor(seqs[k][1])
+                mask[r, : len(seqs[k][1])] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for r, k in enumerate(chunk):
+                logps[k] = logp[r, : len(seqs[k][1])]
+    preds = []
+    for choices in need:
+        scores = []
+        for _j, k, cont in choices:
+            n_ctx = seqs[k][2]
+            lp = logps[k][n_ctx - 1 : n_ctx - 1 + len(cont)]
+            scores.append(lp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+        preds.append(max(range(len(scores)), key=scores.__getitem__))
+    return preds
+
+
+def evaluate(model, tok, sets: dict[str, list[dict]]) -> dict[str, Any]:
+    from rouge_score import rouge_scorer
+
+    from loramoe.generate import generate
+    from loramoe.metrics import alias_contained, regex_match
+
+    model.eval()
+    out: dict[str, Any] = {"scores": {}, "seconds": {}, "samples": {}}
+    for task, items in sets.items():
+        t0 = time.time()
+        if task in ("trec", "efficientqa", "xsum"):
+            new = XSUM_NEW_TOKENS if task == "xsum" else MAX_NEW_TOKENS
+            preds = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=new, batch_size=16,
+                             chat_template=True, progress=False)  # fmt: skip
+            if task == "trec":
+                vals = [regex_match(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
+            elif task == "efficientqa":
+                vals = [alias_contained(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
+            else:
+                sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+                vals = [
+                    sc.score(it["golds"][0], p)["rougeL"].fmeasure for p, it in zip(preds, items, strict=True)
+                ]
+            out["samples"][task] = [
+                [it["prompt"][-80:], p] for it, p in zip(items[:3], preds[:3], strict=False)
+            ]
+        else:
+            pred = _choice_scores(model, tok, items, chat=task not in ("rome", "lama"))
+            vals = [float(p == it["gold"]) for p, it in zip(pred, items, strict=True)]
+            if task in DOWNSTREAM:
+                out.setdefault("pred_dist", {})[task] = [
+                    pred.count(k) for k in range(len(items[0]["choices"]))
+                ]
+        out["scores"][task] = sum(vals) / len(vals)
+        out["seconds"][task] = round(time.time() - t0, 1)
+        log.info("  %-12s %.3f  (%.0fs)", task, out["scores"][task], out["seconds"][task])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take ``run_dir`` for this process (several drivers may share the plan); a dead owner's claim is taken over."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "driver.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            lock.write_text(str(os.getpid()))
+            return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def run_config(
+    name: str, method: str, overrides: dict, size: int, files: dict, out: Path, smoke: bool
+) -> dict:
+    cfg = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
+    cfg["method"] = method
+    for key, sub in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **sub}
+    cfg["data"]["sources"] = sft_sources(files)
+    cfg["data"]["total_samples"] = size
+    family = "full" if method == "full" else method
+    cfg["training"] = {**cfg["training"], "output_dir": str(out / name), "learning_rate": LR[family]}
+    if smoke:
+        cfg["training"]["logging_steps"] = 1
+    return cfg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--smoke", action="store_true", help="toy sizes and eval subsets, into runs/forgetting_smoke"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 measured fastest here)")
+    ap.add_argument("--only", nargs="*", help="run only these run names (and base)")
+    ap.add_argument(
+        "--small-first", action="store_true", help="smallest sizes first, sweep last (second driver)"
+    )
+    ap.add_argument("--report", action="store_true", help="write docs/results.md tables + figures and exit")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    if args.report:
+        from report import report  # experiments/forgetting/report.py
+
+        report(OUT)
+        return 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from loramoe.models import load_base
+    from loramoe.train import RunConfig, load_trained, train
+
+    out = OUT.with_name("forgetting_smoke") if args.smoke else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    files = prepare_sft_data(out / "data")
+    sets_file = out / "eval_sets.json"
+    if not sets_file.exists():
+        _write_json(sets_file, eval_sets(SMOKE_N if args.smoke else EVAL_N))
+    sets = json.loads(sets_file.read_text(encoding="utf-8"))
+    t_start = time.time()
+
+    base_dir = out / "base"
+    base_dir.mkdir(exist_ok=True)
+    if not (base_dir / "eval.json").exists() and _claim(base_dir):
+        log.info("eval base")
+        t0 = time.time()
+        model, tok = load_base("smollm2-135m-instruct")
+        res = evaluate(model, tok, sets)
+        res.update(
+            run="base", method="base", size=0, eval_seconds=round(time.time() - t0, 1), threads=args.threads
+        )
+        _write_json(base_dir / "eval.json", res)
+        del model
+        gc.collect()
+
+    runs = plan(args.smoke)
+    if args.small_first:
+        runs.sort(key=lambda r: (r[0].split("_n")[0] not in METHODS, r[3]))
+    for name, method, overrides, size in runs:
+        if args.only and name not in args.only:
+            continue
+        run_dir = out / name
+        if (run_dir / "eval.json").exists():
+            log.info("skip %s (done)", name)
+            continue
+        if not _claim(run_dir):
+            log.info("skip %s (another driver has it)", name)
+            continue
+        cfg = run_config(name, method, overrides, size, files, out, args.smoke)
+        train_seconds = None
+        if not (run_dir / "train_results.json").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            log.info("train %s", name)
+            t0 = time.time()
+            train(RunConfig.from_dict(cfg))
+            train_seconds = round(time.time() - t0, 1)
+            _write_json(run_dir / "train_time.json", {"seconds": train_seconds, "threads": args.threads})
+            gc.collect()
+        log.info("eval %s", name)
+        t0 = time.time()
+        model, tok = load_trained(run_dir)
+        res = evaluate(model, tok, sets)
+        state = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))
+        tt = run_dir / "train_time.json"
+        res.update(
+            run=name,
+            method=name.rsplit("_n", 1)[0],
+            base_method=method,
+            size=size,
+            lbc=cfg.get("loramoe", {}),
+            learning_rate=cfg["training"]["learning_rate"],
+            train_seconds=json.loads(tt.read_text())["seconds"] if tt.exists() else train_seconds,
+            eval_seconds=round(time.time() - t0, 1),
+            steps=state.get("global_step"),
+            train_loss=[e for e in state["log_history"] if "loss" in e],
+            threads=args.threads,
+        )
+        _write_json(run_dir / "eval.json", res)
+        if method == "full":  # 0.5 GB per fully fine-tuned model; the scores are what we keep
+            for f in run_dir.glob("*.safetensors"):
+                f.unlink()
+        del model
+        gc.collect()
+        log.info("done %s; driver wall %.0fs", name, time.time() - t_start)
+    log.info("all done; driver wall %.0fs", time.time() - t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
