@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loramoe.errors import ConfigError, LoRAMoEError
+from loramoe.errors import ConfigError, LoRAMoEError, TargetError
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -101,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     raw = apply_overrides(load_yaml(args.config), args.overrides)
     run = _with_source(args.config, RunConfig.from_dict, raw)
     try:
-        metrics = train(run, resume=args.resume)
+        metrics = _with_source(args.config, lambda r: train(r, resume=args.resume), run)
     finally:
         _end_distributed()
     print(json.dumps({k: v for k, v in metrics.items() if k != "data"}, indent=2, default=str))
@@ -118,11 +118,12 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _with_source(path: str, build, raw: dict[str, Any]):
+def _with_source(path: str, build, raw: Any):
+    """Call ``build(raw)``; a config or target error it raises names the config file (data errors name theirs)."""
     try:
         return build(raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+    except (ConfigError, TargetError) as err:
+        raise type(err)(f"{path}: {err}") from err
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

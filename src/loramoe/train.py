@@ -156,7 +156,15 @@ class RunConfig:
             return TrainingArguments(**kwargs)
         except (ValueError, TypeError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"training: {reason}") from err
+            named = [
+                k
+                for k, v in self.training.items()
+                if isinstance(v, str) and re.search(rf"\b{re.escape(v)}\b", reason)
+            ]
+            culprit = max(
+                named, key=lambda k: len(self.training[k]), default=None
+            )  # the value the message quotes
+            raise ConfigError(f"training{'.' + culprit if culprit else ''}: {reason}") from err
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -540,8 +548,10 @@ def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dty
     """
     from loramoe.adapter import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, read_adapter_config
     from loramoe.adapter import load_adapter as _load_adapter
-    from loramoe.models import load_base
+    from loramoe.models import DTYPES, load_base
 
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if path is None:
         if base is None:
             raise ConfigError("give a base model (--model) or an adapter directory (--adapter)")
@@ -560,7 +570,7 @@ def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dty
         name = base or (meta.get("base_model") or {}).get("name_or_path")
         if not name:
             raise AdapterError(f"{config_file}: the adapter does not name its base model; pass --model")
-        model, tokenizer = load_base(name, dtype=dtype)
+        model, tokenizer = _load_named_base(name, base is None, config_file, dtype)
         return _load_adapter(model, folder).eval(), tokenizer
     if (folder / "config.json").is_file():  # full fine-tuning output
         _refuse_pickle_only(folder, "model.safetensors")
@@ -575,6 +585,22 @@ def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dty
         f"{folder}: neither an adapter ({CONFIG_NAME}) nor a model directory (config.json); give the training "
         "output directory"
     )
+
+
+def _load_named_base(name: str, from_adapter: bool, config_file: Path, dtype: str):
+    """``load_base``; when the adapter chose the base, a failure says so (the user never typed that name)."""
+    from loramoe.models import load_base
+
+    try:
+        return load_base(name, dtype=dtype)
+    except ConfigError as err:
+        if not from_adapter:
+            raise
+        reason = (str(err).splitlines() or [""])[0]
+        raise ConfigError(
+            f"{config_file}: its base model {name!r} cannot be loaded here ({reason}); pass --model with the "
+            "base it was trained on"
+        ) from err
 
 
 def _read_json(path: Path) -> Any:
@@ -604,8 +630,13 @@ def _third_party_load(path: Path, load):
     """Run a PEFT / transformers loader; what it raises about damaged files becomes an AdapterError naming them."""
     try:
         return load()
-    except LoRAMoEError:
-        raise
+    except LoRAMoEError as err:
+        if not isinstance(err, ConfigError):  # load_base's ConfigError: the model directory is unreadable
+            raise
+        reason = (str(err).splitlines() or [""])[0]
+        raise AdapterError(
+            f"{path.parent}: cannot load ({reason}); use an intact copy of the training output"
+        ) from err
     except Exception as err:  # safetensors, PEFT and transformers raise many types for a damaged file
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise AdapterError(
@@ -615,7 +646,6 @@ def _third_party_load(path: Path, load):
 
 
 def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str):
-    from loramoe.models import load_base
 
     name = base or meta.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
@@ -623,7 +653,7 @@ def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str):
             f"{folder / 'adapter_config.json'}: the adapter does not name its base model; pass --model"
         )
     _refuse_pickle_only(folder, "adapter_model.safetensors")
-    model, tokenizer = load_base(name, dtype=dtype)
+    model, tokenizer = _load_named_base(name, base is None, folder / "adapter_config.json", dtype)
 
     def load():
         from peft import PeftModel
