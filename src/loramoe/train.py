@@ -134,6 +134,9 @@ class RunConfig:
             "seed": 42,
         }
         kwargs.update(self.training)
+        for key in ("save_strategy", "eval_strategy", "logging_strategy"):
+            if kwargs.get(key) is False:  # YAML 1.1 reads an unquoted `no` as false
+                kwargs[key] = "no"
         kwargs["remove_unused_columns"] = False
         kwargs["label_names"] = ["labels"]
         if kwargs.get("gradient_checkpointing"):
