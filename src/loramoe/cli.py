@@ -77,6 +77,8 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
         for part in parts[:-1]:
             if isinstance(node, list):  # data.sources.0.path: an index into a list
                 node = node[_index(item, part, node)]
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override {item!r}: item {part} is {node!r}, not a section")
                 continue
             child = node.setdefault(part, {})
             if not isinstance(child, (dict, list)):
