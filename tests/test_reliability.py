@@ -71,6 +71,66 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
+class Processes:
+    """Real processes started in the background as soon as the workspace exists, so that their slow imports
+    overlap the in-process tests: one plain ``python -m loramoe`` on a bad config, and warm workers that import
+    everything, then wait for a job (argv and cwd in their go file) and run the command line's ``main`` on it,
+    exactly as the ``loramoe`` entry point does."""
+
+    WORKER = (
+        "import json, os, pathlib, sys, time\n"
+        "import loramoe.cli\n"
+        "loramoe.cli.build_parser()\n"
+        "go = pathlib.Path(sys.argv[1])\n"
+        "while not go.exists():\n"
+        "    time.sleep(0.005)\n"
+        "job = json.loads(go.read_text())\n"
+        "os.chdir(job['cwd'])\n"
+        "sys.exit(loramoe.cli.main(job['argv']))\n"
+    )
+
+    def __init__(self, root: Path, workers: int) -> None:
+        self.root, self.procs, self.free = root / "procs", [], []
+        self.root.mkdir()
+        self.cli_case = CASES[0]
+        self.cli = self._spawn([sys.executable, "-m", "loramoe", *_argv(self.cli_case)], root, "cli")
+        for i in range(workers):
+            go = self.root / f"go{i}"
+            self.free.append((self._spawn([sys.executable, "-c", self.WORKER, str(go)], root, f"w{i}"), go))
+
+    def _spawn(self, argv: list[str], cwd: Path, name: str) -> subprocess.Popen:
+        with open(self.root / f"{name}.err", "w") as err:  # a file, not a pipe: nobody reads while they wait
+            proc = subprocess.Popen(argv, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        proc.stderr_path = self.root / f"{name}.err"
+        self.procs.append(proc)
+        return proc
+
+    def run(self, argv: list[str], cwd: Path) -> subprocess.Popen:
+        """Hand a job to a warm worker; returns the running process."""
+        proc, go = self.free.pop(0)
+        tmp = go.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"argv": argv, "cwd": str(cwd)}))
+        tmp.rename(go)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def processes(workspace):
+    procs = Processes(workspace, workers=4)
+    yield procs
+    procs.close()
+
+
 def _argv(case: dict) -> list[str]:
     if "config" in case:
         return ["train", case["config"], *case.get("overrides", [])]
@@ -105,8 +165,10 @@ def test_corpus_is_large_and_every_case_names_a_loramoe_error():
         assert issubclass(cls, LoRAMoEError) and cls is not LoRAMoEError, c["id"]
 
 
-def test_corpus_controls_load_and_train(workspace, monkeypatch, capsys):
-    """The corpus's good adapters load and its config template trains, so each case fails for its one defect."""
+def test_corpus_controls_load_and_train(workspace, processes, monkeypatch, capsys):
+    """The corpus's good adapters load and its config template trains, so each case fails for its one defect.
+
+    (``processes`` is requested here, by the first test, to start the background processes early.)"""
     monkeypatch.chdir(workspace)
     for adapter in ("good", "peft-good"):
         model, _ = load_trained(f"corpus/generated/adapters/{adapter}")
@@ -144,27 +206,16 @@ def test_bad_input_is_one_line_exit_2_and_a_specific_error(case, workspace, monk
     assert re.search(case["match"], str(info.value)), str(info.value)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def test_real_processes_exit_2_with_one_line_and_no_traceback(workspace):
-    """Two ``python -m loramoe`` processes (a bad data file, a bad adapter), run side by side to save time."""
-    chosen = [CASES[0], next(c for c in CASES if "adapter" in c)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "loramoe", *_argv(c)],
-            cwd=workspace,
-            env=_env(),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for c in chosen
+def test_real_processes_exit_2_with_one_line_and_no_traceback(workspace, processes):
+    """``python -m loramoe train`` on a bad data file, and the entry point's ``main`` on a bad adapter."""
+    adapter_case = next(c for c in CASES if "adapter" in c)
+    runs = [
+        (processes.cli_case, processes.cli),
+        (adapter_case, processes.run(_argv(adapter_case), workspace)),
     ]
-    for case, proc in zip(chosen, procs):
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 2, stderr
+    for case, proc in runs:
+        assert proc.wait(timeout=300) == 2, case["id"]
+        stderr = proc.stderr_path.read_text()
         assert "Traceback" not in stderr
         last = stderr.strip().splitlines()[-1]
         assert [line for line in stderr.splitlines() if "error:" in line] == [last]
@@ -330,58 +381,32 @@ def _checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
 
 
-# A process that imports everything first, then waits for its go file and runs the command line's main(): the
-# same code as the ``loramoe`` entry point, but the slow imports of several processes overlap.
-WORKER = """
-import pathlib, sys, time
-import loramoe.cli
-loramoe.cli.build_parser()
-go = pathlib.Path(sys.argv[1])
-while not go.exists():
-    time.sleep(0.005)
-sys.exit(loramoe.cli.main(sys.argv[2:]))
-"""
-
-
-def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bitwise(workspace, tmp_path):
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bitwise(
+    workspace, processes, tmp_path
+):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     out = tmp_path / "killed"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_run_config(workspace, out)))
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / f"go{i}"), "train", str(config), "--resume"],
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for i in range(3)
-    ]
-    try:
-        reference = tmp_path / "reference"  # meanwhile, the uninterrupted run
-        train(RunConfig.from_dict(_run_config(workspace, reference)))
-        kills = []
-        for i, proc in enumerate(workers):
-            # Kill once the run is past its previous furthest checkpoint, after a random extra delay: mid-step or
-            # mid-save, wherever it falls.
-            past = max(_checkpoint_steps(out), default=0)
-            delay = rng.uniform(0.0, 0.4)
-            (tmp_path / f"go{i}").touch()
-            deadline = time.monotonic() + 300
-            while max(_checkpoint_steps(out), default=0) <= past and proc.poll() is None:
-                assert time.monotonic() < deadline, "training made no checkpoint"
-                time.sleep(0.005)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            _, stderr = proc.communicate()
-            assert proc.returncode in (-signal.SIGKILL, 0), stderr.decode()
-            kills.append((past, round(delay, 3), proc.returncode))
-    finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    reference = tmp_path / "reference"
+    train(RunConfig.from_dict(_run_config(workspace, reference)))  # the uninterrupted run
+    kills = []
+    for _ in range(3):
+        # Kill once the run is past its previous furthest checkpoint, after a random extra delay: mid-step or
+        # mid-save, wherever it falls.
+        past = max(_checkpoint_steps(out), default=0)
+        delay = rng.uniform(0.0, 0.4)
+        proc = processes.run(["train", str(config), "--resume"], tmp_path)
+        deadline = time.monotonic() + 300
+        while max(_checkpoint_steps(out), default=0) <= past and proc.poll() is None:
+            assert time.monotonic() < deadline, "training made no checkpoint"
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr_path.read_text()
+        kills.append((past, round(delay, 3), proc.returncode))
     print(f"seed {seed}; kills (after checkpoint step, delay s, exit code): {kills}")
     assert sum(rc == -signal.SIGKILL for *_, rc in kills) >= 2, kills
     assert main(["train", str(config), "--resume"]) == 0

@@ -213,3 +213,11 @@ def test_non_finite_parameters_are_never_saved():
         model.weight[0, 0] = float("inf")
     with pytest.raises(TrainingError, match=r"after step 3 \(weight\)"):
         check_parameters_finite(model, 3)
+
+
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(loramoe_run, files):
+    out, _ = loramoe_run
+    with pytest.raises(
+        ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-12, ...\); resume it"
+    ):
+        train(run_config(files, out))

@@ -127,9 +127,16 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
         raise AdapterError(
             f"{path}: not a loramoe adapter config (expected 'format': 'loramoe' and a 'config' object)"
         )
+    if not isinstance(meta.get("base_model", {}), dict):
+        raise AdapterError(
+            f"{path} field 'base_model': must be an object; the file was edited, save the adapter again"
+        )
     try:
         cfg = LoRAMoEConfig.from_dict(meta["config"])
-    except ConfigError as err:
+    except (
+        ConfigError,
+        TypeError,
+    ) as err:  # TypeError: a value of the wrong kind the config does not catch itself
         raise AdapterError(f"{path} field 'config': {err}") from err
     return cfg, meta
 

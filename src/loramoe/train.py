@@ -511,7 +511,17 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
 
     Returns:
         The training metrics (also written to ``train_results.json``).
+
+    Raises:
+        ConfigError: a fresh run (``resume=False``) into an output directory that holds checkpoints: the new run
+            would mix its checkpoints with the old run's, and a later resume could continue the wrong one.
     """
+    earlier = _checkpoints(Path(run.training["output_dir"]))
+    if not resume and earlier:
+        raise ConfigError(
+            f"training.output_dir {run.training['output_dir']!r} holds checkpoints of an earlier run "
+            f"({earlier[0].name}, ...); resume it (--resume), or choose a new output_dir or delete them"
+        )
     trainer = build_trainer(run)
     out = Path(trainer.args.output_dir)
     checkpoint = latest_good_checkpoint(out) if resume else None

@@ -82,6 +82,7 @@ KNOWN_BUGS = {
     "config/loramoe-task_names-7": "LoRAMoEConfig: set() of lists raises TypeError",
     "config/loramoe-expert_groups-5": "LoRAMoEConfig: tuple(5) raises TypeError",
     "config/loramoe-expert_groups-7": "LoRAMoEConfig accepts booleans as group sizes",
+    "config/run-model-truncated-weights": "models.load_base lets safetensors' SafetensorError through",
 }
 
 
@@ -356,6 +357,7 @@ def gen_configs() -> None:
     config_case("run-output-dir-number", "training.output_dir", 5, r"output_dir must be a directory")
     config_case("run-output-dir-is-file", "training.output_dir", "good.jsonl", r"output_dir.*is a file")
     config_case("run-model-not-found", "model", "no/such/model_dir", r"no/such/model_dir")
+    config_case("run-model-truncated-weights", "model", f"{REL}/adapters/full-truncated", r"full-truncated")
     config_case("run-model-no-ffn-targets", "model", "noffn", r"no known feed-forward targets", "TargetError")
     config_case("run-targets-match-nothing", "loramoe.target_modules", ["ffn_nowhere"], r"ffn_nowhere.*matched no",
                 "TargetError")  # fmt: skip
@@ -606,10 +608,14 @@ def gen_adapters() -> None:
         "config-invalid-odd-binary": {"num_experts": 3},
         "config-invalid-dropout": {"dropout": 2},
         "config-unknown-key": {"experts": 2},
+        "config-task-names-number": {"task_names": 3},
+        "config-task-names-nested": {"task_names": [["a"], ["b"]]},
     }
     for name, change in invalid.items():
         f = variant(name, "AdapterError", r"adapter_config\.json field 'config'")
         rewrite_meta(f, lambda m, change=change: m["config"].update(change))
+    f = variant("config-base-model-not-object", "AdapterError", r"adapter_config\.json field 'base_model'")
+    rewrite_meta(f, lambda m: m.update(base_model="llama"))
     f = variant("config-no-base-name", "AdapterError", r"does not name its base model")
     rewrite_meta(f, lambda m: m["base_model"].update(name_or_path=None))
     f = variant("config-base-not-found", "ConfigError", r"base model 'corpus/no_such_base'.*pass --model")
