@@ -61,6 +61,8 @@ def test_config_defaults_by_mode_and_validation():
     assert DemoConfig(steps=7).steps == 7
     with pytest.raises(ConfigError, match="steps"):
         DemoConfig(steps=0)
+    with pytest.raises(ConfigError, match="threads"):
+        DemoConfig(threads=0)
     with pytest.raises(ConfigError, match="unknown demo task"):
         downstream_items("nope", 1, 1)
 
@@ -70,7 +72,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
     tiny_model("llama").save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     cfg = DemoConfig(model=str(base), output_dir=str(tmp_path / "demo"), quick=True, steps=2, train_per_task=4,
-                     test_per_task=2, heldout_facts=3, max_new_tokens=3, plot=False, progress=False)  # fmt: skip
+                     test_per_task=2, heldout_facts=3, max_new_tokens=3, plot=False, threads=1, progress=False)  # fmt: skip
     results = run_demo(cfg)
     assert set(results["scores"]) == {"base", "lora", "loramoe"}
     for scores in results["scores"].values():

@@ -114,6 +114,7 @@ class DemoConfig:
         max_new_tokens: tokens generated per evaluation prompt.
         progress: show progress bars.
         plot: draw the routing figures (needs matplotlib).
+        threads: CPU threads for torch (None: torch's default); on a machine busy with other work, 1 is faster.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -129,6 +130,7 @@ class DemoConfig:
     max_new_tokens: int = 20
     progress: bool = True
     plot: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         defaults = (30, 48, 12, 24) if self.quick else (120, 160, 30, None)
@@ -140,6 +142,8 @@ class DemoConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be an int >= 1 or None, got {self.threads!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
@@ -281,6 +285,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         The results: ``config``, ``scores`` (per model: ``facts_heldout``, each task,
         ``downstream_mean``), ``samples`` (a few outputs), ``routing`` (task-type group masses), ``times``.
     """
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DemoConfig) -> dict[str, Any]:
     from loramoe.analysis import routing_report
     from loramoe.data import examples_from_records
     from loramoe.models import load_base
@@ -349,13 +363,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--learning-rate", type=float, default=DemoConfig.learning_rate, help=docs["learning_rate"]
     )
+    p.add_argument("--threads", type=int, default=None, help=docs["threads"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     keys = {"model", "output_dir", "quick", "seed", "steps", "train_per_task", "test_per_task", "heldout_facts",
-            "learning_rate", "progress"}  # fmt: skip
+            "learning_rate", "progress", "threads"}  # fmt: skip
     results = run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in keys}))
     print(results_table(results), end="")
     print(f"results, adapters and routing figures in {args.output_dir}")
