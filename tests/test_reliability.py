@@ -214,7 +214,7 @@ def test_real_processes_exit_2_with_one_line_and_no_traceback(workspace, process
         (adapter_case, processes.run(_argv(adapter_case), workspace)),
     ]
     for case, proc in runs:
-        assert proc.wait(timeout=300) == 2, case["id"]
+        assert proc.wait(timeout=1200) == 2, case["id"]  # generous: shared CI machines get very loaded
         stderr = proc.stderr_path.read_text()
         assert "Traceback" not in stderr
         last = stderr.strip().splitlines()[-1]
@@ -393,22 +393,22 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_b
     train(RunConfig.from_dict(_run_config(workspace, reference)))  # the uninterrupted run
     kills = []
     for _ in range(3):
-        # Kill once the run is past its previous furthest checkpoint, after a random extra delay: mid-step or
-        # mid-save, wherever it falls.
+        # Kill when a random later checkpoint (1 to 3 saves on) has begun to appear, after a random delay of up to
+        # 50 ms: mid-save or a step or two later, wherever it falls, on a fast machine or a loaded one.
         past = max(_checkpoint_steps(out), default=0)
-        delay = rng.uniform(0.0, 0.4)
+        target, delay = past + 3 * rng.randint(1, 3), rng.uniform(0.0, 0.05)
         proc = processes.run(["train", str(config), "--resume"], tmp_path)
-        deadline = time.monotonic() + 300
-        while max(_checkpoint_steps(out), default=0) <= past and proc.poll() is None:
+        deadline = time.monotonic() + 1200
+        while max(_checkpoint_steps(out), default=0) < target and proc.poll() is None:
             assert time.monotonic() < deadline, "training made no checkpoint"
             time.sleep(0.005)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr_path.read_text()
-        kills.append((past, round(delay, 3), proc.returncode))
-    print(f"seed {seed}; kills (after checkpoint step, delay s, exit code): {kills}")
-    assert sum(rc == -signal.SIGKILL for *_, rc in kills) >= 2, kills
+        assert proc.returncode == -signal.SIGKILL, proc.stderr_path.read_text()
+        kills.append((target, round(delay, 3), proc.returncode))
+    print(f"seed {seed}; kills (at checkpoint step, delay s, exit code): {kills}")
+    assert all(rc == -signal.SIGKILL for *_, rc in kills), kills
     assert main(["train", str(config), "--resume"]) == 0
     want, got = _adapter(reference), _adapter(out)
     assert want.keys() == got.keys()
