@@ -282,12 +282,6 @@ def test_read_records_raises_only_loramoe_errors(tmp_path_factory, data, cut, sk
 LORAMOE_FIELDS = [f for f in LoRAMoEConfig.__dataclass_fields__] + ["bogus"]
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=False,
-    reason="config.py: LoRAMoEConfig turns target_modules/task_names/expert_groups into tuples with tuple(value), "
-    "a TypeError for a number or bool, and set() of unhashable names is one too (reported)",
-)
 @FUZZ
 @given(st.dictionaries(st.sampled_from(LORAMOE_FIELDS), json_values, max_size=4))
 def test_loramoe_config_from_dict_raises_only_config_errors(data):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,15 @@ class LoRAMoEConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name} must be a list (or null), got {type(value).__name__} {value!r}")
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
         _check_int(self, "num_experts", 1)
         _check_int(self, "rank", 1)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+        if not _is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         _check_choice(self, "dropout_mode", DROPOUT_MODES)
         _check_choice(self, "lbc_normalization", NORMALIZATIONS)
@@ -110,9 +113,9 @@ class LoRAMoEConfig:
             _check_int(self, "top_k", 1)
             if self.top_k > self.num_experts:
                 raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if not isinstance(self.lbc_delta, (int, float)) or not 0.0 <= self.lbc_delta < 1.0:
+        if not _is_number(self.lbc_delta) or not 0.0 <= self.lbc_delta < 1.0:
             raise ConfigError(f"lbc_delta must be in [0, 1), got {self.lbc_delta!r}")
-        if not isinstance(self.lbc_weight, (int, float)) or self.lbc_weight < 0:
+        if not _is_number(self.lbc_weight) or self.lbc_weight < 0:
             raise ConfigError(f"lbc_weight must be >= 0 (0 disables the LBC), got {self.lbc_weight!r}")
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
@@ -120,6 +123,8 @@ class LoRAMoEConfig:
             raise ConfigError(
                 f"target_modules must be a non-empty list of module names or null, got {self.target_modules!r}"
             )
+        if not all(isinstance(n, str) and n for n in self.task_names):
+            raise ConfigError(f"task_names must be non-empty strings, got {list(self.task_names)!r}")
         if len(self.task_names) < 2 or len(set(self.task_names)) != len(self.task_names):
             raise ConfigError(f"task_names must be at least two distinct names, got {list(self.task_names)}")
         if self.expert_groups is None:
@@ -140,7 +145,7 @@ class LoRAMoEConfig:
                     f"expert_groups has {len(groups)} sizes but task_names has {len(self.task_names)} names; give one "
                     "group size per task type"
                 )
-            if not all(isinstance(g, int) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
+            if not all(_is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
                 raise ConfigError(
                     f"expert_groups {list(groups)} must be positive integers summing to num_experts={self.num_experts}"
                 )
@@ -203,6 +208,15 @@ def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:
         elif not stripped:
             current = None
     return docs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(cfg: LoRAMoEConfig, name: str, minimum: int) -> None:

@@ -177,7 +177,7 @@ def _json_array(text: str, pos: int, path: str) -> list[Row]:
             where = 1 + text.count("\n", 0, pos)
             raise DataError("malformed JSON: expected ',' or ']' after a record", path=path, line=where)
     if _WS.match(text, pos).end() != len(text):
-        where = 1 + text.count("\n", 0, pos)
+        where = 1 + text.count("\n", 0, _WS.match(text, pos).end())
         raise DataError("malformed JSON: extra data after the closing ']'", path=path, line=where)
     return rows
 
@@ -341,6 +341,8 @@ def _prompt_completion(record: Mapping, at: _At) -> Example:
 def _qa(record: Mapping, at: _At) -> Example:
     """Closed-book QA; with several gold answers the first is the target (TriviaQA's ``{"value"}`` too)."""
     question, key = at.text(record, "question"), "answer" if "answer" in record else "answers"
+    if not question.strip():
+        raise at.error("empty prompt; every record needs one", "question")
     value = record.get(key)
     if isinstance(value, list) and value:
         value = value[0]

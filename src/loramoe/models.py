@@ -108,6 +108,7 @@ def load_base(
     Raises:
         ConfigError: Unknown ``dtype``, or the model cannot be found or loaded.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -116,9 +117,11 @@ def load_base(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError, SafetensorError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"cannot load model {name_or_path!r}: {e} (use {DEFAULT_MODEL!r} for the bundled offline default)"
+            f"cannot load model {name_or_path!r}: {first_line} (use {DEFAULT_MODEL!r} for the bundled offline "
+            "default)"
         ) from e
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
