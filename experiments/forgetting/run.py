@@ -448,7 +448,7 @@ def main() -> int:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
             log.info("train %s", name)
             t0 = time.time()
-            train(RunConfig.from_dict(cfg))
+            train(RunConfig.from_dict(cfg), resume=True)  # an interrupted run continues from its checkpoint
             train_seconds = round(time.time() - t0, 1)
             _write_json(run_dir / "train_time.json", {"seconds": train_seconds, "threads": args.threads})
             gc.collect()
