@@ -91,9 +91,7 @@ def save_adapter(
     if base_name_or_path is not None:
         identity["name_or_path"] = str(base_name_or_path)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(
-            adapter_state_dict(model), str(tmp), metadata={"format": "pt", "loramoe_version": _version()}
-        )
+        save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
         digest = sha256_file(tmp)
     meta = {
         "format": "loramoe",
