@@ -254,13 +254,19 @@ def draw_routing(report: Mapping[str, Any], out_dir: Path, *, prefix: str = "rou
             fig.savefig(tmp, format="png", dpi=110)
         files[kind] = str(path)
 
+    # A diverging scale centred on uniform routing (1/N, white): the deviations are the story, not the level.
+    every = [p for t in report["tasks"].values() for p in [*t["mean"], *sum(t["per_layer"].values(), [])]]
+    spread = max(1e-6, max(abs(p - 1.0 / n) for p in every))
+
     def heat(ax: Any, matrix: torch.Tensor, title: str, *, ticks: bool) -> Any:
-        image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+        image = ax.imshow(
+            matrix.numpy(), aspect="auto", cmap="RdBu_r", vmin=1.0 / n - spread, vmax=1.0 / n + spread
+        )
         ax.set_title(title, fontsize=8)
         ax.set_xticks(range(n), [f"{e}\n{report['task_names'][groups[e]][:4]}" for e in range(n)] if ticks
                       else [str(e) for e in range(n)], fontsize=6)  # fmt: skip
         ax.set_yticks(range(len(tasks)), labels if ticks else [""] * len(tasks), fontsize=7)
-        ax.axvline(sum(g == 0 for g in groups) - 0.5, color="white", lw=1)  # first group boundary
+        ax.axvline(sum(g == 0 for g in groups) - 0.5, color="black", lw=1)  # first group boundary
         return image
 
     cols = min(6, len(layers))
@@ -273,7 +279,7 @@ def draw_routing(report: Mapping[str, Any], out_dir: Path, *, prefix: str = "rou
             continue
         m = torch.tensor([report["tasks"][t]["per_layer"][str(layers[k])] for t in tasks])  # (tasks, N)
         image = heat(ax, m, f"layer {layers[k]}", ticks=k % cols == 0)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="mean router probability")
+    fig.colorbar(image, ax=axes, shrink=0.6, label=f"mean router probability (white: uniform 1/{n})")
     fig.suptitle("Router probability per task (rows) and expert (columns), by layer")
     save(fig, "layers")
 
@@ -282,7 +288,7 @@ def draw_routing(report: Mapping[str, Any], out_dir: Path, *, prefix: str = "rou
     image = heat(
         ax, torch.tensor([report["tasks"][t]["mean"] for t in tasks]), "mean over layers", ticks=True
     )
-    fig.colorbar(image, ax=ax, label="mean router probability")
+    fig.colorbar(image, ax=ax, label=f"mean router probability (white: 1/{n})")
     save(fig, "mean")
 
     fig = Figure(figsize=(max(4.0, 0.9 * len(tasks) + 2.5), 3.6), layout="constrained")
