@@ -103,7 +103,8 @@ class DemoConfig:
     Attributes:
         model: base model: the bundled ``smollm2-135m-instruct`` or a local HF directory.
         output_dir: where the data, both adapters, the figures and ``demo_results.json`` go.
-        quick: a ~2 minute run (fewer steps and items) instead of the ~10 minute default.
+        quick: a short run (30 steps per method, smaller test sets; ~6 CPU-minutes) instead of the default
+            (120 steps; ~20-25 CPU-minutes). See docs/demo.md for measured times.
         seed: seeds data generation, adapter initialisation and training.
         steps: optimizer steps per method (default 120, quick 30).
         learning_rate: the same for both methods (aggressive on purpose, so forgetting shows).
