@@ -123,8 +123,8 @@ class LoRAMoEConfig:
             raise ConfigError(
                 f"target_modules must be a non-empty list of module names or null, got {self.target_modules!r}"
             )
-        if not all(isinstance(n, str) and n for n in self.task_names):
-            raise ConfigError(f"task_names must be non-empty strings, got {list(self.task_names)!r}")
+        if self.task_names is None or not all(isinstance(n, str) and n for n in self.task_names):
+            raise ConfigError(f"task_names must be a list of non-empty strings, got {self.task_names!r}")
         if len(self.task_names) < 2 or len(set(self.task_names)) != len(self.task_names):
             raise ConfigError(f"task_names must be at least two distinct names, got {list(self.task_names)}")
         if self.expert_groups is None:

@@ -1,4 +1,7 @@
-"""Training: the run config, the Trainer subclass (loss only), the baselines, checkpoints that survive crashes.
+"""Training: the Trainer subclass (loss only), the baselines, and the train entry point.
+
+The run config lives in ``run_config.py``, crash-safe checkpoints in ``checkpoints.py``, and loading a trained
+output for inference (``load_trained``) in ``models.py``; all are re-exported here.
 
 Design decisions:
 - ``LoRAMoETrainer`` changes only how the loss is computed (``loramoe.compute_loss``), how the adapter is saved
@@ -14,265 +17,58 @@ Design decisions:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import math
 import os
-import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
 
 from loramoe.adapter import load_adapter_weights, save_adapter
+from loramoe.checkpoints import (
+    COMPLETE_MARKER,
+    CompleteCheckpointCallback,
+    _checkpoints,
+    _remove_torn_checkpoints,
+    checkpoint_is_complete,
+    latest_good_checkpoint,
+    mark_complete,
+)
 from loramoe.config import LoRAMoEConfig
-from loramoe.errors import AdapterError, ConfigError, LoRAMoEError, TrainingError
-from loramoe.files import atomic_write_text, sha256_file
+from loramoe.errors import ConfigError, TrainingError
+from loramoe.files import atomic_write_text
 from loramoe.inject import CONFIG_ATTR, get_config, inject, resolve_targets, summary
 from loramoe.layer import linear_features
 from loramoe.loss import compute_loss
+from loramoe.models import load_trained
 from loramoe.routing import routing_stats
+from loramoe.run_config import METHODS, RUN_CONFIG_NAME, LoraBaselineConfig, RunConfig
+
+__all__ = [  # re-exported so that one import serves a training script
+    "COMPLETE_MARKER",
+    "METHODS",
+    "RUN_CONFIG_NAME",
+    "CompleteCheckpointCallback",
+    "LoRAMoETrainer",
+    "LoraBaselineConfig",
+    "RunConfig",
+    "build_trainer",
+    "check_parameters_finite",
+    "checkpoint_is_complete",
+    "latest_good_checkpoint",
+    "learning_curve",
+    "load_trained",
+    "mark_complete",
+    "matched_lora_rank",
+    "prepare_model",
+    "train",
+]
 
 logger = logging.getLogger("loramoe.train")
-
-METHODS = ("loramoe", "lora", "full")
-COMPLETE_MARKER = "loramoe_complete.json"
-RUN_CONFIG_NAME = "loramoe_run.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-@dataclass
-class LoraBaselineConfig:
-    """Plain LoRA (through PEFT) on the same targets as LoRAMoE.
-
-    Attributes:
-        rank: LoRA rank; None matches LoRAMoE's trainable-parameter budget on the same targets.
-        alpha: LoRA alpha; None keeps LoRAMoE's ``alpha / rank`` scaling.
-        dropout: LoRA dropout; None uses LoRAMoE's.
-    """
-
-    rank: int | None = None
-    alpha: float | None = None
-    dropout: float | None = None
-
-    def __post_init__(self) -> None:
-        checks = {
-            "rank": (_is_int(self.rank) and self.rank >= 1, "an integer >= 1 or null"),
-            "alpha": (_is_number(self.alpha) and self.alpha > 0, "a positive number or null"),
-            "dropout": (_is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1) or null"),
-        }
-        for name, (ok, need) in checks.items():
-            if getattr(self, name) is not None and not ok:
-                raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
-
-
-@dataclass
-class RunConfig:
-    """One training run, as written in the YAML file.
-
-    Attributes:
-        model: base model: ``smollm2-135m-instruct`` (bundled, offline), a local HF directory or a hub name.
-        method: ``loramoe``, ``lora`` (PEFT baseline) or ``full`` (full fine-tuning).
-        dtype: ``float32`` (default; use it on CPU), ``bfloat16``, ``float16`` or ``auto``.
-        loramoe: the LoRAMoE adapter and LBC (``LoRAMoEConfig`` fields).
-        lora: the LoRA baseline (``rank``, ``alpha``, ``dropout``).
-        data: data sources and tokenisation (``DataConfig`` fields).
-        training: ``transformers.TrainingArguments`` by their own names (``output_dir``, ``learning_rate``, ...).
-    """
-
-    model: str = "smollm2-135m-instruct"
-    method: str = "loramoe"
-    dtype: str = "float32"
-    loramoe: LoRAMoEConfig = field(default_factory=LoRAMoEConfig)
-    lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    data: Any = None  # loramoe.data.DataConfig
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from loramoe.data import DataConfig
-
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if not isinstance(self.model, str) or not self.model:
-            raise ConfigError("model must be a model name or path, e.g. smollm2-135m-instruct")
-        from loramoe.models import DTYPES
-
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.loramoe, LoRAMoEConfig):
-            self.loramoe = _sub("loramoe", LoRAMoEConfig.from_dict, self.loramoe)
-        if not isinstance(self.lora, LoraBaselineConfig):
-            self.lora = _sub("lora", lambda d: _dataclass_from_dict(LoraBaselineConfig, d, "lora"), self.lora)
-        if self.data is None:
-            raise ConfigError("data is missing: give data.sources, a list of {path: ..., task_type: ...}")
-        if not isinstance(self.data, DataConfig):
-            self.data = _sub("data", DataConfig.from_dict, self.data)
-        if not isinstance(self.training, dict):
-            raise ConfigError("training must be a mapping of TrainingArguments names to values")
-        if not self.training.get("output_dir"):
-            raise ConfigError("training.output_dir is missing: where should the adapter and checkpoints go?")
-        out = self.training["output_dir"]
-        if not isinstance(out, (str, os.PathLike)):
-            raise ConfigError(f"training.output_dir must be a directory path, got {out!r}")
-        if Path(out).exists() and not Path(out).is_dir():
-            raise ConfigError(f"training.output_dir {str(out)!r} is a file; give a directory (it is created)")
-        self.training_arguments()  # validate names and values now, not after the model is loaded
-
-    def training_arguments(self) -> TrainingArguments:
-        """The ``TrainingArguments``, with the settings LoRAMoE needs forced (task_types must reach the loss)."""
-        kwargs = {
-            "report_to": "none",
-            "save_strategy": "steps",
-            "save_steps": 50,
-            "logging_steps": 5,
-            "seed": 42,
-        }
-        kwargs.update(self.training)
-        for key in ("save_strategy", "eval_strategy", "logging_strategy"):
-            if kwargs.get(key) is False:  # YAML 1.1 reads an unquoted `no` as false
-                kwargs[key] = "no"
-        kwargs["remove_unused_columns"] = False
-        kwargs["label_names"] = ["labels"]
-        if kwargs.get("gradient_checkpointing"):
-            # Reentrant checkpointing runs the forward under no_grad, which would hide the router probabilities
-            # from the LBC's gradient.
-            kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        # Dense routing uses every adapter parameter each step; top-k may leave an expert without tokens.
-        kwargs.setdefault(
-            "ddp_find_unused_parameters", self.method == "loramoe" and self.loramoe.top_k is not None
-        )
-        valid = {f.name for f in dataclasses.fields(TrainingArguments)}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise ConfigError(
-                f"unknown training argument(s) {unknown}; use transformers.TrainingArguments names"
-            )
-        for key in self.training:
-            _check_training_value(key, kwargs[key])
-        try:
-            return TrainingArguments(**kwargs)
-        except (ValueError, TypeError) as err:
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
-            named = [
-                k
-                for k, v in self.training.items()
-                if isinstance(v, str) and re.search(rf"\b{re.escape(v)}\b", reason)
-            ]
-            culprit = max(
-                named, key=lambda k: len(self.training[k]), default=None
-            )  # the value the message quotes
-            raise ConfigError(f"training{'.' + culprit if culprit else ''}: {reason}") from err
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return _dataclass_from_dict(cls, data, "config")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "method": self.method,
-            "dtype": self.dtype,
-            "loramoe": self.loramoe.to_dict(),
-            "lora": dataclasses.asdict(self.lora),
-            "data": self.data.to_dict(),
-            "training": dict(self.training),
-        }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# TrainingArguments fields whose out-of-range values transformers accepts and then fails on (or ignores) later.
-_TRAINING_RANGES: dict[str, tuple[Any, str]] = {
-    "learning_rate": (lambda v: v >= 0, ">= 0"),
-    "num_train_epochs": (lambda v: v > 0, "> 0"),
-    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
-    "save_steps": (lambda v: v > 0, "> 0 (a fraction < 1 is a share of the total steps)"),
-    "logging_steps": (lambda v: v > 0, "> 0 (a fraction < 1 is a share of the total steps)"),
-    "eval_steps": (lambda v: v is None or v > 0, "> 0 or null"),
-    "warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_epsilon": (lambda v: v > 0, "> 0"),
-    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "data_seed": (lambda v: v is None or 0 <= v < 2**32, "in [0, 2**32) or null"),
-    "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
-    "save_total_limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
-}
-_SIMPLE_TYPES: dict[type, tuple[Any, str]] = {
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (_is_int, "an integer"),
-    float: (_is_number, "a finite number"),
-    str: (lambda v: isinstance(v, str), "a string"),
-}
-
-
-@functools.cache
-def _training_hints() -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(TrainingArguments)
-
-
-def _check_training_value(key: str, value: Any) -> None:
-    """Check a ``TrainingArguments`` value of a plain type (bool, int, float, str, or one of them or null) and the
-    ranges in ``_TRAINING_RANGES``; transformers itself checks neither, and fails far later on a wrong one."""
-    import types
-    import typing
-
-    hint = _training_hints().get(key)
-    options = (
-        typing.get_args(hint)
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is Union
-        else (hint,)
-    )
-    nullable = type(None) in options
-    simple = [t for t in options if t is not type(None)]
-    plain = simple and all(t in _SIMPLE_TYPES for t in simple) and not (value is None and nullable)
-    if plain and not any(_SIMPLE_TYPES[t][0](value) for t in simple):
-        need = " or ".join(_SIMPLE_TYPES[t][1] for t in simple) + (" or null" if nullable else "")
-        raise ConfigError(f"training.{key} must be {need}, got {value!r}")
-    rule = _TRAINING_RANGES.get(key)
-    if rule is not None and value is not None:
-        ok, need = rule
-        if not _is_number(value) or not ok(value):
-            raise ConfigError(f"training.{key} must be {need}, got {value!r}")
-
-
-def _dataclass_from_dict(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def _sub(name: str, build, value):
-    try:
-        return build(value)
-    except ConfigError as err:
-        raise ConfigError(f"{name}: {err}") from err
 
 
 def matched_lora_rank(model: nn.Module, cfg: LoRAMoEConfig) -> int:
@@ -403,67 +199,6 @@ def check_parameters_finite(model: nn.Module, step: int) -> None:
         )
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """After a checkpoint is fully written, record the checksum of each of its files in a marker, atomically."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                mark_complete(folder)
-        return control
-
-
-def mark_complete(folder: Path) -> None:
-    files = {
-        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
-    }
-    atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1, sort_keys=True))
-
-
-def checkpoint_is_complete(folder: Path) -> bool:
-    marker = folder / COMPLETE_MARKER
-    try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        return bool(files) and all(sha256_file(folder / name) == digest for name, digest in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders in ``root``, newest (largest N) first."""
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
-    ]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose completion marker verifies; torn ones are reported."""
-    for folder in _checkpoints(Path(output_dir)):
-        if checkpoint_is_complete(folder):
-            return str(folder)
-        if not quiet:
-            logger.warning(
-                "skipping %s: torn or incomplete checkpoint (no valid %s); using an older one",
-                folder,
-                COMPLETE_MARKER,
-            )
-    return None
-
-
-def _remove_torn_checkpoints(root: Path, keep: str | None) -> None:
-    """Delete the checkpoints newer than ``keep`` (all when None): they are torn, and the resumed run would
-    otherwise write its own checkpoint of the same step over their leftovers."""
-    for folder in _checkpoints(root):
-        if keep is not None and folder == Path(keep):
-            return
-        logger.warning("removing torn checkpoint %s", folder)
-        shutil.rmtree(folder)
-
-
 def build_trainer(run: RunConfig) -> LoRAMoETrainer:
     """Load the base model, adapt it as ``run.method`` says, build the data, and return the ready Trainer.
 
@@ -546,131 +281,3 @@ def learning_curve(output_dir: str | os.PathLike) -> list[tuple[int, float]]:
     """(step, loss) pairs from a finished run's ``trainer_state.json``."""
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
     return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e and math.isfinite(e["loss"])]
-
-
-def load_trained(path: str | os.PathLike | None, *, base: str | None = None, dtype: str = "float32"):
-    """Load a model for inference: a base alone, a base plus a loramoe or PEFT adapter, or a fully fine-tuned model.
-
-    Args:
-        path: a training output directory or adapter directory (None: the base alone).
-        base: the base model; default: the one recorded in the adapter (``base_model.name_or_path``).
-        dtype: as in ``load_base``.
-
-    Returns:
-        ``(model, tokenizer)`` in eval mode.
-    """
-    from loramoe.adapter import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, read_adapter_config
-    from loramoe.adapter import load_adapter as _load_adapter
-    from loramoe.models import DTYPES, load_base
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if path is None:
-        if base is None:
-            raise ConfigError("give a base model (--model) or an adapter directory (--adapter)")
-        return load_base(base, dtype=dtype)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise AdapterError(
-            f"{folder}: adapter directory not found; give a training output or adapter directory"
-        )
-    config_file = folder / CONFIG_NAME
-    if config_file.is_file():
-        meta = _read_json(config_file)
-        if isinstance(meta, dict) and "peft_type" in meta:  # the LoRA baseline
-            return _load_peft(folder, meta, base, dtype)
-        _, meta = read_adapter_config(folder)
-        name = base or (meta.get("base_model") or {}).get("name_or_path")
-        if not name:
-            raise AdapterError(f"{config_file}: the adapter does not name its base model; pass --model")
-        model, tokenizer = _load_named_base(name, base is None, config_file, dtype)
-        return _load_adapter(model, folder).eval(), tokenizer
-    if (folder / "config.json").is_file():  # full fine-tuning output
-        _refuse_pickle_only(folder, "model.safetensors")
-        return _third_party_load(folder / "config.json", lambda: load_base(str(folder), dtype=dtype))
-    if (folder / WEIGHTS_NAME).is_file() or any((folder / n).is_file() for n in PICKLE_NAMES):
-        _refuse_pickle_only(folder, WEIGHTS_NAME)
-        raise AdapterError(
-            f"{config_file}: missing; an adapter needs it next to {WEIGHTS_NAME}. Copy it from the training "
-            "output directory"
-        )
-    raise AdapterError(
-        f"{folder}: neither an adapter ({CONFIG_NAME}) nor a model directory (config.json); give the training "
-        "output directory"
-    )
-
-
-def _load_named_base(name: str, from_adapter: bool, config_file: Path, dtype: str):
-    """``load_base``; when the adapter chose the base, a failure says so (the user never typed that name)."""
-    from loramoe.models import load_base
-
-    try:
-        return load_base(name, dtype=dtype)
-    except ConfigError as err:
-        if not from_adapter:
-            raise
-        reason = (str(err).splitlines() or [""])[0]
-        raise ConfigError(
-            f"{config_file}: its base model {name!r} cannot be loaded here ({reason}); pass --model with the "
-            "base it was trained on"
-        ) from err
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(
-            f"{path}: not valid JSON ({str(err).splitlines()[0]}); the file is damaged, save the adapter again"
-        ) from err
-
-
-def _refuse_pickle_only(folder: Path, safe_name: str) -> None:
-    """Loading is data only: a folder whose weights exist only as pickle files is refused, with the reason."""
-    from loramoe.adapter import PICKLE_NAMES
-
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = [n for n in PICKLE_NAMES if (folder / n).is_file()]
-    if pickles:
-        raise AdapterError(
-            f"{folder / pickles[0]}: refusing to load a pickle file (unpickling can run arbitrary code); loramoe "
-            f"loads {safe_name} only. Convert it to safetensors where you trust its origin."
-        )
-
-
-def _third_party_load(path: Path, load):
-    """Run a PEFT / transformers loader; what it raises about damaged files becomes an AdapterError naming them."""
-    try:
-        return load()
-    except LoRAMoEError as err:
-        if not isinstance(err, ConfigError):  # load_base's ConfigError: the model directory is unreadable
-            raise
-        reason = (str(err).splitlines() or [""])[0]
-        raise AdapterError(
-            f"{path.parent}: cannot load ({reason}); use an intact copy of the training output"
-        ) from err
-    except Exception as err:  # safetensors, PEFT and transformers raise many types for a damaged file
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise AdapterError(
-            f"{path.parent}: cannot load ({type(err).__name__}: {reason}); the files are damaged or incomplete, "
-            "use an intact copy of the training output"
-        ) from err
-
-
-def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str):
-
-    name = base or meta.get("base_model_name_or_path")
-    if not isinstance(name, str) or not name:
-        raise AdapterError(
-            f"{folder / 'adapter_config.json'}: the adapter does not name its base model; pass --model"
-        )
-    _refuse_pickle_only(folder, "adapter_model.safetensors")
-    model, tokenizer = _load_named_base(name, base is None, folder / "adapter_config.json", dtype)
-
-    def load():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(folder)).eval()
-
-    return _third_party_load(folder / "adapter_config.json", load), tokenizer
