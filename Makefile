@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/loramoe info
+	.venv/bin/loramoe demo --out outputs/demo
 
 test: setup
 	.venv/bin/python -m pytest -q
