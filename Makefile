@@ -11,6 +11,9 @@ setup:
 demo: setup
 	.venv/bin/loramoe demo --out outputs/demo
 
+demo-quick: setup
+	.venv/bin/loramoe demo --quick --out outputs/demo-quick
+
 test: setup
 	.venv/bin/python -m pytest -q
 
