@@ -106,7 +106,8 @@ def tables(base: dict, runs: list[dict]) -> str:
     total = sum((r.get("train_seconds") or 0) + r.get("eval_seconds", 0) for r in runs) + base.get(
         "eval_seconds", 0
     )
-    lines += ["", f"Compute: {len(runs)} fine-tuned runs + base; train + eval wall time {total / 60:.0f} min, "
+    lines += ["", f"Compute: {len(runs)} fine-tuned runs + base; sum of per-run train + eval times {total / 60:.0f} min "
+              "(up to 3 driver processes ran in parallel), "
               f"torch threads = {base.get('threads')}."]  # fmt: skip
     return "\n".join(lines)
 
@@ -138,9 +139,17 @@ def figures(base: dict, runs: list[dict]) -> list[Path]:
                 pts = [(n, v / fn(b) if fn(b) > 0 else float("nan")) for n, v in pts]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "*", ms=10, label=LABEL[m])
         ax.axhline(1.0 if ratio else fn(b), color="grey", ls="--", lw=1, label="base")
-        sizes = [r["size"] for r in runs]
+        sizes = sorted({r["size"] for r in runs})
         ax.set_xscale("log")
         ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        if ratio:
+            if fn(b) > 0:
+                top = max([fn(r["scores"]) / fn(b) for r in runs] + [1.0])
+                ax.set_ylim(0, max(2.0, top * 1.05))
+            else:
+                ax.text(0.5, 0.5, "base score 0: ratio undefined", ha="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("SFT samples")
 
