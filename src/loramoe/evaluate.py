@@ -1,0 +1,322 @@
+"""Evaluation: run this project's lm-eval tasks on a base model or an adapter; report and compare runs.
+
+Design decisions:
+
+- lm-eval does the work (batching, chat templates, log-likelihoods, generation); this module picks the tasks,
+  gives each its own ``limit`` (:data:`loramoe.tasks.TASKS`), times each, and writes one JSON + one Markdown
+  table per run.
+- The model is built once and reused across tasks, so per-task times exclude loading.
+- Writing and comparing results lives in :mod:`loramoe.report` (re-exported here). ``compare`` puts runs side by side against a base run and reports *knowledge retention*: mean knowledge score
+  after fine-tuning / mean knowledge score before. The LoRAMoE paper's claim is that this stays near 1 while
+  downstream scores rise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from loramoe.errors import ConfigError
+from loramoe.report import RESULTS_JSON, SCHEMA, compare, results_markdown, write_results
+
+__all__ = [
+    "RESULTS_JSON",
+    "EvalConfig",
+    "add_subcommands",
+    "compare",
+    "evaluate",
+    "results_markdown",
+    "write_results",
+]
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        model: Base model name, alias or directory; None = the base the adapter names, or the bundled
+            smollm2-135m-instruct when there is no adapter.
+        adapter: A loramoe adapter / training output directory, or None for the base model alone.
+        tasks: Suites (knowledge, downstream, all) and/or task names (webq, trec, nq, rome_gen, rome_rank,
+            lama_gen, lama_rank, sst2, rte, boolq, agnews, xsum); a comma-separated string is accepted.
+        limit: Documents per task: None = each task's CPU-sized default (100 QA/cloze, 200 classification,
+            50 XSum), 0 = every document, N = N for every task.
+        batch_size: lm-eval batch size.
+        max_new_tokens: Cap on generated tokens for generation tasks; None keeps each task's own (8 to 48).
+        chat_template: Wrap prompts in the tokenizer's chat template (lm-eval's apply_chat_template); None = when
+            the tokenizer has one, as training does (``DataConfig.template = "auto"``).
+        data_dir: Shared data folder; None = $LORAMOE_DATA_DIR, else ../shared/data beside the repository.
+        output_dir: Where results.json and results.md are written.
+        label: Name of this run in reports and comparisons; default: the adapter folder name or "base".
+        device: cpu, cuda, cuda:N; None = CUDA when available.
+        dtype: float32 (default, CPU), bfloat16, float16 or auto.
+        threads: torch CPU threads during the run; None keeps torch's setting. On a shared machine 1 can be
+            several times faster than oversubscribed cores.
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["all"])
+    limit: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    chat_template: bool | None = None
+    data_dir: str | None = None
+    output_dir: str = "runs/eval"
+    label: str | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from loramoe.tasks import expand_tasks
+
+        if isinstance(self.tasks, str):
+            self.tasks = [t for t in self.tasks.split(",") if t.strip()]
+        self.tasks = [str(t).strip() for t in self.tasks]
+        if not self.tasks:
+            raise ConfigError("tasks is empty; give a suite (knowledge, downstream, all) or task names")
+        expand_tasks(self.tasks)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise ConfigError(f"model must be a model name or directory, got {self.model!r}")
+        if self.adapter is not None and not Path(self.adapter).is_dir():
+            raise ConfigError(f"adapter directory {self.adapter} does not exist")
+        _check_int("limit", self.limit, 0, optional=True)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("max_new_tokens", self.max_new_tokens, 1, optional=True)
+        if self.chat_template is not None and not isinstance(self.chat_template, bool):
+            raise ConfigError(f"chat_template must be true, false or null (auto), got {self.chat_template!r}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(
+                f"data_dir {self.data_dir} does not exist (it should hold webquestions/, sst2/, ...)"
+            )
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty; give a folder for results.json")
+        _check_int("threads", self.threads, 1, optional=True)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        """Build from a dict (YAML/JSON), rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown eval setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @property
+    def run_label(self) -> str:
+        """The label used in reports."""
+        if self.label:
+            return self.label
+        return Path(self.adapter).name if self.adapter else "base"
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(
+            f"{name} must be an integer >= {minimum}{' or null' if optional else ''}, got {value!r}"
+        )
+
+
+def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run the configured tasks with lm-eval and write ``results.json`` and ``results.md`` to ``cfg.output_dir``.
+
+    Args:
+        cfg: The evaluation settings.
+        model: An in-memory model to evaluate instead of loading ``cfg.model`` (an adapter in ``cfg.adapter`` is
+            then injected into it in place).
+        tokenizer: The tokenizer for ``model``.
+
+    Returns:
+        The results dict that was written (see :func:`write_results` for its layout).
+
+    Raises:
+        ConfigError: Bad settings or data directory.
+        DataError: A task's data file is missing.
+    """
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from loramoe.tasks import check_data, expand_tasks, resolve_data_dir, task_dir
+
+    tasks = expand_tasks(cfg.tasks)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    check_data(tasks, data_dir)
+    manager = TaskManager(include_path=str(task_dir(data_dir)), include_defaults=False)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_tasks(cfg, tasks, data_dir, manager, model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_tasks(
+    cfg: EvalConfig, tasks: list[str], data_dir: Path, manager: Any, model: Any, tokenizer: Any
+) -> dict[str, Any]:
+    import lm_eval
+
+    from loramoe.lm_eval_model import LoRAMoELM
+    from loramoe.tasks import TASKS
+
+    start = time.perf_counter()
+    lm = LoRAMoELM(
+        pretrained=model if model is not None else (cfg.model or (None if cfg.adapter else DEFAULT_MODEL)),
+        adapter=cfg.adapter,
+        tokenizer=tokenizer,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+    )
+    load_seconds = time.perf_counter() - start
+    chat = (
+        cfg.chat_template
+        if cfg.chat_template is not None
+        else bool(getattr(lm.tokenizer, "chat_template", None))
+    )
+
+    result = {
+        "schema": SCHEMA,
+        "label": cfg.run_label,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {**cfg.to_dict(), "data_dir": str(data_dir), "chat_template": chat},
+        "model_info": lm.get_model_info() | {"load_seconds": round(load_seconds, 2)},
+        "environment": _environment(),
+        "tasks": {},
+        "seconds": 0.0,
+    }
+    for task in tasks:
+        spec = TASKS[task]
+        limit = spec.limit if cfg.limit is None else (cfg.limit or None)
+        gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            limit=limit,
+            task_manager=manager,
+            apply_chat_template=chat,
+            gen_kwargs=gen_kwargs,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        write_results(result, cfg.output_dir)  # after every task: an interrupted run keeps what it measured
+        log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
+
+    return result
+
+
+def _task_result(task: str, out: dict[str, Any], seconds: float, cpu_seconds: float) -> dict[str, Any]:
+    from loramoe.tasks import TASKS
+
+    spec = TASKS[task]
+    raw = out["results"][task]
+    metrics = {k.split(",")[0]: v for k, v in raw.items() if "," in k and "_stderr" not in k}
+    stderr = {k.split(",")[0].removesuffix("_stderr"): v for k, v in raw.items() if "_stderr," in k}
+    n = out.get("n-samples", {}).get(task, {})
+    return {
+        "suite": spec.suite,
+        "metric": spec.metric,
+        "score": metrics[spec.metric],
+        "metrics": metrics,
+        "stderr": {k: (v if isinstance(v, float) else None) for k, v in stderr.items()},
+        "n": int(n.get("effective", raw.get("sample_len", 0))),
+        "n_available": int(n.get("original", 0)),
+        "seconds": round(seconds, 2),
+        # Process CPU time over all threads, and the machine's load: wall time alone misleads on a shared machine.
+        "cpu_seconds": round(cpu_seconds, 2),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _environment() -> dict[str, str]:
+    import lm_eval
+    import torch
+    import transformers
+
+    from loramoe import __version__
+
+    return {
+        "loramoe": __version__,
+        "lm_eval": getattr(lm_eval, "__version__", "?"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Add ``loramoe eval`` and ``loramoe compare`` to the command line (help text from the field docs)."""
+    from loramoe.config import field_docs
+
+    docs = field_docs(EvalConfig)
+    p = sub.add_parser(
+        "eval", help="evaluate a base model or an adapter on the knowledge and downstream suites"
+    )
+    p.add_argument("config", nargs="?", help="YAML file of eval settings (flags override it)")
+    for name in ("model", "adapter", "tasks", "data_dir", "output_dir", "label", "device", "dtype"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=docs[name])
+    for name in ("limit", "batch_size", "max_new_tokens", "threads"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])
+    p.add_argument(
+        "--chat-template",
+        dest="chat_template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=docs["chat_template"],
+    )
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="put evaluation runs side by side with knowledge retention")
+    p.add_argument("results", nargs="+", help="results.json files or their folders; the base run first")
+    p.add_argument("--out", required=True, help="folder for compare.md and compare.png")
+    p.add_argument(
+        "--base", default=None, help="base run by label or index (default: first without an adapter)"
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip the bar chart (no matplotlib needed)")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from loramoe.cli import load_yaml
+
+    raw = load_yaml(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    raw |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+    result = evaluate(EvalConfig.from_dict(raw))
+    print(results_markdown(result))
+    print(f"written to {Path(result['config']['output_dir']) / RESULTS_JSON}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    base: int | str | None = int(args.base) if args.base is not None and args.base.isdigit() else args.base
+    print(compare(args.results, args.out, base=base, plot=not args.no_plot))
+    return 0

@@ -1,0 +1,145 @@
+"""The lm-eval model type ``loramoe``: a Hugging Face causal LM with an optional LoRAMoE adapter.
+
+Importing this module registers the type, after which ``lm_eval.simple_evaluate(model="loramoe",
+model_args="pretrained=BASE,adapter=DIR")`` works. lm-eval's command line imports no third-party code (it has no
+plugin entry point, and ``--include_path`` loads tasks, not models), so this module is also the command line::
+
+    python -m loramoe.lm_eval_model run --model loramoe \\
+        --model_args pretrained=smollm2-135m-instruct,adapter=runs/sft/adapter \\
+        --tasks loramoe_knowledge --limit 100 --device cpu --apply_chat_template
+
+It takes every ``lm-eval`` argument, registers the model, and adds ``--include_path`` pointing at this project's
+tasks (data from ``$LORAMOE_DATA_DIR`` or ``../shared/data``) unless one is given. (lm-eval's command line also
+indexes its own ~15,000 task files, about a minute on a busy 2-core machine; ``loramoe eval`` does not.)
+
+Design decisions:
+
+- Subclass ``HFLM`` and hand it an already-built model: loading (alias resolution, dtype) is
+  ``loramoe.models.load_base``'s job, adapters are read by ``loramoe.train.load_trained`` (loramoe, PEFT LoRA
+  baseline or fully fine-tuned output) or, for a model object, ``loramoe.load_adapter``; so every lm-eval
+  request path (log-likelihood, generation, chat templates, batching) is lm-eval's own.
+- ``get_model_info`` is overridden: the parent asks the Hub for a commit hash, which is a network call and is
+  meaningless for a local base plus adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from lm_eval.api.registry import model_registry, register_model
+from lm_eval.models.huggingface import HFLM
+
+__all__ = ["MODEL_TYPE", "LoRAMoELM", "main"]
+
+MODEL_TYPE = "loramoe"
+
+log = logging.getLogger(__name__)
+
+
+class LoRAMoELM(HFLM):
+    """``HFLM`` over a base causal LM with an optional adapter.
+
+    Args:
+        pretrained: A base model name, alias (``smollm2-135m-instruct``) or directory; or an already-built
+            ``PreTrainedModel`` (give ``tokenizer`` too; an adapter, if any, is injected into it in place).
+            May be omitted when ``adapter`` names its base model.
+        adapter: A loramoe adapter directory (``loramoe.save_adapter``) or any training output that
+            ``loramoe.train.load_trained`` reads (a PEFT LoRA baseline, a fully fine-tuned model); ``None``
+            evaluates the base model.
+        tokenizer: A tokenizer object or name; default: the one that comes with the base model.
+        dtype: Weights dtype when loading by name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; default CUDA when available. Ignored for a model object.
+        **kwargs: Passed to ``HFLM`` (``batch_size``, ``max_length``, ``add_bos_token``, ...).
+
+    Raises:
+        ConfigError: Neither ``pretrained`` nor ``adapter`` given.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | torch.nn.Module | None = None,
+        adapter: str | os.PathLike[str] | None = None,
+        tokenizer: Any = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        adapter = os.fspath(adapter) if adapter else None
+        if pretrained is None or isinstance(pretrained, str):
+            model, loaded_tokenizer = _load_by_name(pretrained or None, adapter, str(dtype))
+            tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
+            model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        else:
+            model = pretrained
+            if adapter:
+                from loramoe import load_adapter
+
+                model = load_adapter(model, adapter)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        self.base_name = getattr(model, "name_or_path", "") or str(pretrained or "")
+        self.adapter = adapter
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What the results JSON records about the model: size, dtype, base and adapter (no network)."""
+        first = next(self.model.parameters())
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(first.dtype),
+            "base_model": self.base_name,
+            "adapter": self.adapter,
+        }
+
+
+def _load_by_name(name: str | None, adapter: str | None, dtype: str) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)``: the base alone, or a training output / adapter on its base (lazy imports)."""
+    if adapter is None:
+        if name is None:
+            from loramoe.errors import ConfigError
+
+            raise ConfigError("the loramoe model type needs pretrained=BASE, adapter=DIR, or both")
+        from loramoe.models import load_base
+
+        return load_base(name, dtype=dtype)
+    from loramoe.train import load_trained
+
+    return load_trained(adapter, base=name, dtype=dtype)
+
+
+def _register() -> None:
+    # Guarded so that running this file as __main__ and importing it as a module do not register twice.
+    if MODEL_TYPE not in model_registry:
+        register_model(MODEL_TYPE)(LoRAMoELM)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``loramoe`` model type registered and this project's tasks included.
+
+    Args:
+        argv: Arguments after the program name (default ``sys.argv[1:]``), exactly as ``lm-eval`` takes them.
+    """
+    from lm_eval.__main__ import cli_evaluate
+
+    from loramoe.errors import ConfigError
+    from loramoe.tasks import task_dir
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    wants_help = not args or args[0] in ("-h", "--help")
+    if not wants_help and not any(a.startswith("--include_path") for a in args):
+        try:
+            args += ["--include_path", str(task_dir())]
+        except ConfigError as e:
+            log.warning("loramoe tasks not included: %s", e)
+    sys.argv = ["lm-eval", *args]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    from loramoe.lm_eval_model import main as _main  # the importable module registers the model type once
+
+    _main()
+else:
+    _register()

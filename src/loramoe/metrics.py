@@ -1,0 +1,199 @@
+"""Answer-matching metrics for closed-book QA, cloze probes and log-likelihood ranking: pure functions.
+
+Design decisions:
+
+- Normalisation is SQuAD's (lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace), so
+  ``exact_match`` and ``token_f1`` agree with the numbers reported in the QA literature.
+- Every QA metric takes a *list* of gold aliases and returns the best score over them (WebQuestions and NQ-open
+  list several acceptable answers).
+- ``alias_contained`` exists because a chat model answers in a sentence ("The capital of France is Paris."): exact
+  match would call that wrong. It matches on token boundaries, so the gold "us" is not found inside "bus".
+- TREC answers are regular expressions written for raw text ("20,?320 f(ee|oo)t"), so ``regex_match`` searches the
+  raw answer case-insensitively instead of the normalised one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "alias_contained",
+    "exact_match",
+    "normalize_answer",
+    "prefix_match",
+    "rank_of_gold",
+    "ranking_accuracy",
+    "regex_match",
+    "token_f1",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise an answer the SQuAD way.
+
+    Lowercases, removes ASCII punctuation, removes the articles ``a``/``an``/``the`` and collapses runs of
+    whitespace to one space (stripping both ends).
+
+    Args:
+        text: A model answer or a gold alias.
+
+    Returns:
+        The normalised string, for example ``"The  Eiffel-Tower!"`` -> ``"eiffeltower"``.
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _as_list(golds: str | Iterable[str]) -> list[str]:
+    return [golds] if isinstance(golds, str) else list(golds)
+
+
+def exact_match(prediction: str, golds: str | Iterable[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold alias, else 0.0.
+
+    Args:
+        prediction: The model's answer.
+        golds: One gold answer or a list of aliases.
+
+    Returns:
+        1.0 or 0.0 (0.0 when ``golds`` is empty).
+    """
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in _as_list(golds)))
+
+
+def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    if not pred_tokens or not gold_tokens:
+        # Both empty is agreement; one empty is a miss (SQuAD v2 convention).
+        return float(pred_tokens == gold_tokens)
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    n_same = sum(common.values())
+    if n_same == 0:
+        return 0.0
+    precision = n_same / len(pred_tokens)
+    recall = n_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, golds: str | Iterable[str]) -> float:
+    """Bag-of-tokens F1 between the normalised prediction and the best-matching gold alias.
+
+    Args:
+        prediction: The model's answer.
+        golds: One gold answer or a list of aliases.
+
+    Returns:
+        The maximum F1 over the aliases, in [0, 1] (0.0 when ``golds`` is empty).
+    """
+    pred_tokens = normalize_answer(prediction).split()
+    return max((_f1(pred_tokens, normalize_answer(g).split()) for g in _as_list(golds)), default=0.0)
+
+
+def alias_contained(prediction: str, golds: str | Iterable[str]) -> float:
+    """1.0 if some normalised gold alias occurs in the normalised prediction on token boundaries.
+
+    Meant for chat-style generations that wrap the answer in a sentence. A gold alias that normalises to the
+    empty string (for example ``"The"``) never matches.
+
+    Args:
+        prediction: The model's answer, possibly a full sentence.
+        golds: One gold answer or a list of aliases.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    padded = f" {normalize_answer(prediction)} "
+    for gold in _as_list(golds):
+        norm = normalize_answer(gold)
+        if norm and f" {norm} " in padded:
+            return 1.0
+    return 0.0
+
+
+def prefix_match(prediction: str, golds: str | Iterable[str]) -> float:
+    """1.0 if the normalised prediction starts with some normalised gold alias (on a token boundary).
+
+    The natural score for a cloze continuation: ``"Antarctica. It is the largest"`` starts with ``"Antarctica"``.
+
+    Args:
+        prediction: The model's continuation.
+        golds: One gold answer or a list of aliases.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    padded = f"{normalize_answer(prediction)} "
+    for gold in _as_list(golds):
+        norm = normalize_answer(gold)
+        if norm and padded.startswith(f"{norm} "):
+            return 1.0
+    return 0.0
+
+
+def regex_match(prediction: str, patterns: str | Iterable[str]) -> float:
+    """1.0 if any pattern matches a substring of the raw prediction, case-insensitively.
+
+    A pattern that is not a valid regular expression is matched literally instead of raising, since gold
+    files are data, not code.
+
+    Args:
+        prediction: The model's answer (not normalised: TREC patterns expect raw text).
+        patterns: One regular expression or several.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    for pattern in _as_list(patterns):
+        try:
+            compiled = re.compile(pattern, re.IGNORECASE)
+        except re.error:
+            compiled = re.compile(re.escape(pattern), re.IGNORECASE)
+        if compiled.search(prediction):
+            return 1.0
+    return 0.0
+
+
+def rank_of_gold(logliks: Sequence[float], gold: int) -> int:
+    """1-based rank of the gold choice when choices are sorted by log-likelihood, ties counted against gold.
+
+    A tie with a distractor ranks the gold below it, so a model that gives every choice the same score gets
+    the worst rank rather than a lucky first place.
+
+    Args:
+        logliks: One log-likelihood per choice, shape ``(C,)``.
+        gold: Index of the correct choice.
+
+    Returns:
+        The rank, 1 = the gold choice scored strictly highest.
+
+    Raises:
+        ValueError: If ``gold`` is out of range or a score is NaN.
+    """
+    if not 0 <= gold < len(logliks):
+        raise ValueError(f"gold index {gold} is out of range for {len(logliks)} choices")
+    if any(math.isnan(x) for x in logliks):
+        raise ValueError("a log-likelihood is NaN; check the model's outputs")
+    target = logliks[gold]
+    return 1 + sum(1 for i, x in enumerate(logliks) if i != gold and x >= target)
+
+
+def ranking_accuracy(logliks: Sequence[float], gold: int) -> float:
+    """1.0 if the gold choice has the strictly highest log-likelihood, else 0.0 (see :func:`rank_of_gold`).
+
+    Args:
+        logliks: One log-likelihood per choice, shape ``(C,)``.
+        gold: Index of the correct choice.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    return float(rank_of_gold(logliks, gold) == 1)
