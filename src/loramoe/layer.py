@@ -6,8 +6,14 @@ Design decisions:
 - It wraps the original module and calls its forward (nn.Linear, GPT-2's Conv1D, quantized linears alike); the
   base weights are never copied or re-created.
 - Experts are stacked tensors: ``loramoe_A`` (N, R, D), ``loramoe_B`` (N, O, R), ``loramoe_router`` (N, D). The dense
-  forward is one GEMM down through all experts, a per-token scale of each R-block by ``G_n * alpha / R``, and one
-  GEMM up; the per-expert loop exists only in the tests, as the reference.
+  forward is one GEMM down through all experts and the router together, a per-token scale of each R-block by
+  ``G_n * alpha / R``, and one GEMM up with the base output added in; the per-expert loop exists only in the tests,
+  as the reference. docs/benchmarks.md measures each of these choices.
+- Dropout never materialises a mask: the dropped entries are drawn directly (``_dropped_positions``, about p of
+  the draws of a dense mask). Per-expert dropout subtracts the dropped entries' contribution from ``A_n x`` as a
+  sparse product, so the N masked copies of x are never built or kept for backward.
+- Top-k routing zeroes the weights of the experts not chosen and runs the dense path: at LoRA ranks the expert
+  GEMMs are cheap and memory-bound, and gathering each expert's tokens costs more than it saves.
 - A tensor in, a tensor out. Router probabilities reach callers through ``register_router_hook``, which the
   recorder in ``routing.py`` opens and closes; task types never reach this layer.
 - Adapter parameters are float32 by default whatever the base dtype (as PEFT does), and all their names start
@@ -17,6 +23,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -60,8 +67,8 @@ class LoRAMoELinear(nn.Module):
         alpha: LoRA alpha; each expert term is scaled by ``alpha / R``.
         dropout: dropout probability on the experts' input (the router sees ``x`` undropped).
         dropout_mode: ``"per_expert"`` (N independent masks, the reference) or ``"shared"`` (one mask).
-        top_k: None for dense routing (the paper); k to compute only the k most probable experts per token with
-            their probabilities renormalised over the chosen k.
+        top_k: None for dense routing (the paper); k to mix only the k most probable experts per token, with their
+            probabilities renormalised over the chosen k (computed densely, the other weights zeroed).
         dtype: dtype of the adapter parameters (float32 by default).
     """
 
@@ -84,6 +91,7 @@ class LoRAMoELinear(nn.Module):
         self.dropout, self.dropout_mode, self.top_k = dropout, dropout_mode, top_k
         self.disabled = False
         self._router_hooks: OrderedDict[int, RouterHook] = OrderedDict()
+        self._stacked_cache: tuple | None = None  # see _stacked()
         device = next(base_layer.parameters()).device
         n, r, d, o = num_experts, rank, self.in_features, self.out_features
         self.loramoe_A = nn.Parameter(torch.empty(n, r, d, device=device, dtype=dtype))  # (N, R, D)
@@ -113,55 +121,61 @@ class LoRAMoELinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        x = x.to(self.loramoe_A.dtype)
-        probs = self.router_probs(x)  # (..., N) float32
+        n, r, d = self.loramoe_A.shape
+        x_MD = x.to(self.loramoe_A.dtype).reshape(-1, d)
+        dropout = self.dropout if self.training else 0.0
+        down_KD, B_KO = self._stacked()
+        h_MK, logits_MN = self._down_and_route(x_MD, down_KD, dropout)  # (M, N*R) rows A_n drop_n(x); (M, N)
+        probs = torch.softmax(logits_MN.float(), dim=-1).view(*x.shape[:-1], n)  # (..., N) float32
         for hook in self._router_hooks.values():
             hook(self, probs)
-        weights = probs.to(x.dtype)
-        if self.top_k is None:
-            delta = self._dense_experts(x, weights)
-        else:
-            delta = self._topk_experts(x, weights)
-        return result + delta.to(result.dtype)
+        weights_MN = probs.view(-1, n).to(h_MK.dtype)
+        if self.top_k is not None:
+            weights_MN = _renormalised_top_k(weights_MN, self.top_k)
+        # G_n * alpha / R and dropout's 1 / (1 - p) folded into one per-token scale of each R-block.
+        scale_MN1 = (weights_MN * (self.scaling / (1.0 - dropout))).unsqueeze(-1)
+        h_MK = (h_MK.view(-1, n, r) * scale_MN1).view(-1, n * r)
+        if result.dtype == h_MK.dtype:  # "+ result" fused into the GEMM
+            return torch.addmm(result.reshape(-1, self.out_features), h_MK, B_KO).view(result.shape)
+        return result + (h_MK @ B_KO).view(result.shape).to(result.dtype)
 
-    def _dense_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _down_and_route(
+        self, x_MD: torch.Tensor, down_KD: torch.Tensor, dropout: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_n drop_n(x)`` for all experts as (M, N*R) (masks not yet divided by 1 - p) and router logits (M, N)."""
         n, r, d = self.loramoe_A.shape
-        lead = x.shape[:-1]
-        x_MD = x.reshape(-1, d)
-        if self.training and self.dropout > 0 and self.dropout_mode == "per_expert":
-            # N independent masks: each expert sees its own dropped copy of x (the reference's structure).
-            x_NMD = F.dropout(x_MD.unsqueeze(0).expand(n, -1, -1), self.dropout, training=True)
-            h_MNR = torch.bmm(x_NMD, self.loramoe_A.transpose(1, 2)).transpose(0, 1)  # (M, N, R)
-        else:
-            if self.training and self.dropout > 0:
-                x_MD = F.dropout(x_MD, self.dropout, training=True)
-            h_MNR = F.linear(x_MD, self.loramoe_A.reshape(n * r, d)).view(-1, n, r)  # (M, N, R)
-        scale_MN = weights.reshape(-1, n) * self.scaling
-        h_MK = (h_MNR * scale_MN.unsqueeze(-1)).reshape(-1, n * r)  # (M, N*R)
-        B_OK = self.loramoe_B.permute(1, 0, 2).reshape(
-            self.out_features, n * r
-        )  # (O, N*R), expert-major blocks
-        return F.linear(h_MK, B_OK).view(*lead, self.out_features)
+        if dropout > 0 and self.dropout_mode == "shared":
+            # One mask: zero the dropped entries of one copy of x; the router reads the undropped x.
+            dropped = _dropped_positions(x_MD.numel(), dropout, x_MD.device, torch.int64)
+            x_drop_MD = x_MD.reshape(-1).index_fill(0, dropped, 0.0).view_as(x_MD)
+            return F.linear(x_drop_MD, self.loramoe_A.reshape(n * r, d)), F.linear(x_MD, self.loramoe_router)
+        # The experts and the router read the same x: one GEMM, one gradient GEMM back to x.
+        h_MK, logits_MN, _ = F.linear(x_MD, down_KD).split([n * r, n, down_KD.shape[0] - n * r - n], dim=1)
+        if dropout > 0:  # N masks: subtract what each expert's dropped entries contributed
+            h_MK = h_MK - _per_expert_dropped(x_MD, self.loramoe_A, dropout)
+        return h_MK, logits_MN
 
-    def _topk_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n, _, d = self.loramoe_A.shape
-        lead = x.shape[:-1]
-        x_MD = x.reshape(-1, d)
-        top_w_MK, top_i_MK = weights.reshape(-1, n).topk(self.top_k, dim=-1)  # (M, k)
-        top_w_MK = top_w_MK / top_w_MK.sum(dim=-1, keepdim=True)  # renormalise over the chosen experts
-        out_MO = x_MD.new_zeros(x_MD.shape[0], self.out_features)
-        for expert in range(n):  # grouped by expert: each expert only sees the tokens routed to it
-            token_idx, slot = (top_i_MK == expert).nonzero(as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            x_sel = x_MD.index_select(0, token_idx)
-            if self.training and self.dropout > 0:
-                x_sel = F.dropout(x_sel, self.dropout, training=True)
-            h = F.linear(x_sel, self.loramoe_A[expert]) * (
-                top_w_MK[token_idx, slot] * self.scaling
-            ).unsqueeze(-1)
-            out_MO = out_MO.index_add(0, token_idx, F.linear(h, self.loramoe_B[expert]))
-        return out_MO.view(*lead, self.out_features)
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[A; W_g; 0]`` as (N*R + N + pad, D) and B as (N*R, O), expert-major rows.
+
+        Rebuilt on every call while autograd needs them; otherwise (generation) cached per parameter version, so
+        an optimizer step or ``load_state_dict`` invalidates the cache. The zero rows pad the width to a multiple
+        of 16: MKL runs a (M, 30) GEMM output at half the speed of a (M, 32) one. B is used as (N*R, O)
+        row-major, the fast layout for the skinny up-projection GEMM (2x at O = 1536).
+        """
+        params = (self.loramoe_A, self.loramoe_router, self.loramoe_B)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_stacked()
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            self._stacked_cache = (key, self._build_stacked())
+        return self._stacked_cache[1]
+
+    def _build_stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, r, d = self.loramoe_A.shape
+        A_KD = self.loramoe_A.reshape(n * r, d)
+        down_KD = torch.cat([A_KD, self.loramoe_router, A_KD.new_zeros(-(n * r + n) % 16, d)])
+        return down_KD, self.loramoe_B.transpose(1, 2).reshape(n * r, self.out_features)
 
     def extra_repr(self) -> str:
         routing = "dense" if self.top_k is None else f"top_k={self.top_k}"
@@ -169,3 +183,89 @@ class LoRAMoELinear(nn.Module):
             f"experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
             f" ({self.dropout_mode}), {routing}"
         )
+
+
+def _renormalised_top_k(weights_MN: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each token's k largest weights, renormalised to sum to 1; zero the others. (M, N) -> (M, N)."""
+    top_w_Mk, top_i_Mk = weights_MN.topk(k, dim=-1)
+    return torch.zeros_like(weights_MN).scatter(-1, top_i_Mk, top_w_Mk / top_w_Mk.sum(dim=-1, keepdim=True))
+
+
+def _dropped_positions(numel: int, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sorted flat indices that a Bernoulli(p) dropout mask over ``numel`` entries zeroes, drawn without the mask.
+
+    The gaps between successive dropped entries of i.i.d. Bernoulli(p) trials are i.i.d. Geometric(p), sampled by
+    inversion (``1 + floor(log(1 - u) / log(1 - p))``, float64, so positions are exact integers): about p * numel
+    draws instead of numel. Rarely (a 6-sigma shortfall) a second round of draws is needed.
+    """
+    log_keep = math.log1p(-p)
+    chunks, end = [], -1.0
+    while end < numel:
+        expected = (numel - end) * p
+        u = torch.rand(int(expected + 6 * math.sqrt(expected) + 64), dtype=torch.float64, device=device)
+        pos = u.neg_().log1p_().div_(log_keep).floor_().add_(1).cumsum_(0).add_(end)  # (draws,) increasing
+        chunks.append(pos)
+        end = pos[-1].item()
+    pos = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return pos[: int(torch.searchsorted(pos, float(numel)))].to(dtype)
+
+
+def _per_expert_dropped(x_MD: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+    """(M, N*R): ``sum_d (1 - m_n[t, d]) x[t, d] A[n, :, d]`` for N independent Bernoulli(p) dropout masks m_n.
+
+    ``A_n (m_n * x) = A_n x - this``: the N masked copies of x are never built; only the p * N * M * D dropped
+    entries are drawn and touched, and autograd keeps their index lists rather than N copies of x and N masks.
+    """
+    n, r, d = A.shape
+    m = x_MD.shape[0]
+    index_dtype = torch.int32 if m * n * d < 2**31 else torch.int64  # int32 index arithmetic is ~3x faster
+    pos = _dropped_positions(m * n * d, p, x_MD.device, index_dtype)  # flat over (M, N, D), sorted
+    row = pos // d  # t * N + n: a row of the (M*N, R) output
+    token = row // n
+    col = pos - token * (n * d)  # n * D + d: a row of A^T as (N*D, R)
+    xi = pos - (row - token) * d  # t * D + d: an entry of x
+    table_TR = A.transpose(1, 2).reshape(n * d, r)
+    return _SparseExpertInput.apply(x_MD.reshape(-1), table_TR, row, col, xi, m * n).view(m, n * r)
+
+
+class _SparseExpertInput(torch.autograd.Function):
+    """``out[row[k]] += x[xi[k]] * table[col[k]]`` over K entries sorted by row: a sparse (rows, T) @ (T, R) product.
+
+    Forward is one CSR matrix product (in float32 for half types, which the CPU kernel lacks); backward gathers
+    per rank column (1-D gathers and scatters vectorise where (K, R) row gathers do not). Saved: x (already kept by
+    the dense GEMM), the small table, three index lists.
+    """
+
+    @staticmethod
+    def forward(ctx, x, table, row, col, xi, rows):
+        ctx.save_for_backward(x, table, row, col, xi)
+        boundaries = torch.arange(rows + 1, device=row.device, dtype=row.dtype)
+        crow = torch.searchsorted(row, boundaries, out_int32=row.dtype == torch.int32)
+        dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+            warnings.simplefilter("ignore")
+            values = x.index_select(0, xi).to(dtype)
+            sparse = torch.sparse_csr_tensor(
+                crow, col, values, (rows, table.shape[0]), check_invariants=False
+            )
+        return torch.sparse.mm(sparse, table.to(dtype)).to(table.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, table, row, col, xi = ctx.saved_tensors
+        grad_RT, table_RT = (
+            grad.t().contiguous(),
+            table.t().contiguous(),
+        )  # (R, rows), (R, T): one row per rank
+        values = x.index_select(0, xi)
+        grad_values = torch.zeros_like(values)
+        grad_table_RT = torch.zeros_like(table_RT)
+        for grad_r, table_r, grad_table_r in zip(grad_RT, table_RT, grad_table_RT):
+            grad_K = grad_r.index_select(0, row)
+            if ctx.needs_input_grad[0]:
+                grad_values.addcmul_(grad_K, table_r.index_select(0, col))
+            if ctx.needs_input_grad[1]:
+                grad_table_r.index_add_(0, col, grad_K.mul_(values))
+        grad_x = torch.zeros_like(x).index_add_(0, xi, grad_values) if ctx.needs_input_grad[0] else None
+        grad_table = grad_table_RT.t() if ctx.needs_input_grad[1] else None
+        return grad_x, grad_table, None, None, None, None

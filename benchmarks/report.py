@@ -1,0 +1,374 @@
+"""The targets of issue 6 checked against the measurements, and the Markdown report (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+PEFT, PEFT0 = "peft p=0.05", "peft p=0"
+FUSED = ("fused per_expert", "fused shared", "fused p=0")
+
+
+def _target(name: str, value: float, op: str, threshold: float) -> dict:
+    met = value <= threshold if op == "<=" else value >= threshold
+    return {"target": name, "value": value, "op": op, "threshold": threshold, "met": met}
+
+
+def targets(r: dict) -> list[dict]:
+    """Every target of issue 6 for N=6, R=4 on gate/up/down, as measured in ``r``."""
+    out = []
+    main = r["settings"]["layers"]
+    for sec in r["train"]:
+        if sec["layers"] != main:
+            continue  # the loop's shallower comparison
+        rows, shape = sec["variants"], f"{sec['batch']}x{sec['seq']}"
+        for name in FUSED:
+            if name not in rows:
+                continue
+            ref = PEFT0 if name.endswith("p=0") else PEFT
+            if f"vs {ref}" in rows[name]:
+                out.append(
+                    _target(f"train step {shape}: {name} / {ref}", rows[name][f"vs {ref}"], "<=", 1.00)
+                )
+            out.append(_target(f"train step {shape}: {name} / floor", rows[name]["vs_floor"], "<=", 1.15))
+    for sec in r["layer"]:
+        shape = "{}->{}".format(*sec["shape"])
+        for label, ratio in sec["ratios"].items():
+            out.append(_target(f"adapter's own cost {shape}: {label}", ratio, ">=", 3.0))
+    for sec in r["generation"]:
+        rows = sec["variants"]
+        if "fused per_expert" in rows:
+            value = rows["fused per_expert"]["throughput_vs_peft"]
+            out.append(_target(f"generation batch {sec['batch']}: fused / {PEFT} tokens/s", value, ">=", 0.9))
+    for sec in r["memory"]:
+        if sec["layers"] != main:
+            continue
+        rows, shape = sec["variants"], f"{sec['batch']}x{sec['seq']}"
+        for name in FUSED:
+            if name in rows and PEFT in rows:
+                for key, what in (("step_peak_delta_mib", "step peak delta"), ("peak_mib", "peak RSS")):
+                    value = rows[name][key] / rows[PEFT][key]
+                    out.append(_target(f"memory {shape}: {name} / {PEFT} ({what})", value, "<=", 1.10))
+    return out
+
+
+def summary(r: dict) -> list[str]:
+    """The findings in words, every number from ``r``."""
+    out = ["## Summary", ""]
+    sec = r["train"][0]
+    rows, layers = sec["variants"], r["settings"]["layers"]
+
+    def v(name: str, key: str) -> str:
+        return _f(rows[name].get(key)) if name in rows else "-"
+
+    out.append(
+        f"- Training step, batch {sec['batch']} x {sec['seq']}, {layers} layers: fused with per-expert dropout "
+        f"(the reference's default) {v('fused per_expert', 'vs ' + PEFT)}x PEFT LoRA r = 24 and "
+        f"{v('fused per_expert', 'vs_floor')}x the frozen floor; with one shared mask (like PEFT's) "
+        f"{v('fused shared', 'vs ' + PEFT)}x and {v('fused shared', 'vs_floor')}x; without dropout "
+        f"{v('fused p=0', 'vs ' + PEFT0)}x PEFT without dropout. PEFT itself: {v(PEFT, 'vs_floor')}x the floor."
+    )
+    for loop in r["train"]:
+        lv = loop["variants"]
+        if "loop per_expert" in lv:
+            out.append(
+                f"- The per-expert loop ({loop['layers']} layers, {loop['batch']} x {loop['seq']}): "
+                f"{_f(lv['loop per_expert']['vs ' + PEFT])}x PEFT with per-expert masks, "
+                f"{_f(lv['loop shared']['vs ' + PEFT]) if 'loop shared' in lv else '-'}x with a shared mask; "
+                f"fused at the same depth: {_f(lv['fused per_expert']['vs ' + PEFT])}x and "
+                f"{_f(lv['fused shared']['vs ' + PEFT])}x."
+            )
+    for lay in r["layer"]:
+        c = lay["variants"]
+        peft0, peft = (k for k in c if k.startswith("peft"))
+
+        def extra(a: str, b: str, c=c) -> str:
+            return _f(c[a]["adapter_ms"] - c[b]["adapter_ms"], 1)
+
+        out.append(
+            f"- What dropout adds per linear ({lay['shape'][0]} -> {lay['shape'][1]}, fwd + bwd): per-expert masks "
+            f"{extra('fused per_expert', 'fused p=0')} ms, one shared mask {extra('fused shared', 'fused p=0')} ms, "
+            f"PEFT's one mask {extra(peft, peft0)} ms (the previous fused forward: per-expert "
+            f"{extra('previous per_expert', 'previous p=0')} ms). The adapter's own cost, loop / fused: "
+            + ", ".join(f"{k.split()[-1]} {_f(x, 1)}x" for k, x in lay["ratios"].items())
+            + "."
+        )
+    for gen in r["generation"]:
+        g = gen["variants"]
+        if "fused per_expert" in g:
+            out.append(
+                f"- Generation, batch {gen['batch']}: fused {g['fused per_expert']['tokens_per_s']:.1f} tokens/s, "
+                f"{_f(g['fused per_expert']['throughput_vs_peft'])}x PEFT's throughput (unmerged)."
+            )
+    for mem in r["memory"]:
+        g = mem["variants"]
+        if PEFT in g:
+            ratios = ", ".join(
+                f"{n} {_f(x['step_peak_delta_mib'] / g[PEFT]['step_peak_delta_mib'])}x"
+                for n, x in g.items()
+                if n != PEFT
+            )
+            out.append(
+                f"- Peak memory of a step ({mem['layers']} layers, {mem['batch']} x {mem['seq']}), step delta over "
+                f"PEFT's: {ratios}."
+            )
+    tk = r["top_k"]
+    k, t = tk["k"], tk["train"]
+    out.append(
+        f"- Top-{k} of {tk['experts']} experts: {tk['flops_per_token']['dense'] / tk['flops_per_token'][f'top-{k}']:.1f}x "
+        f"fewer adapter FLOPs, but computed sparsely (gather per expert) its adapter costs "
+        f"{_f(t[f'top-{k} gather']['adapter_ms'] / t['dense']['adapter_ms'], 1)}x dense in training and "
+        f"{_f(tk['inference'][f'top-{k} gather']['adapter_ms'] / tk['inference']['dense']['adapter_ms'], 1)}x in "
+        f"inference on this CPU; the library now computes top-k densely with the other weights zeroed "
+        f"({_f(t[f'top-{k} (library)']['adapter_ms'] / t['dense']['adapter_ms'], 1)}x dense)."
+    )
+    missed = [x["target"] for x in r["targets"] if not x["met"]]
+    out += ["", "Targets missed: " + ("; ".join(missed) if missed else "none") + ".", ""]
+    if any("per_expert" in m for m in missed):
+        out += [PER_EXPERT_WHY, ""]
+    return out
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def render(r: dict) -> str:
+    m, s = r["machine"], r["settings"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{r['command']}` ({r['elapsed_s'] / 60:.0f} min); raw numbers in `benchmarks.json` next to "
+        "this file. Do not edit by hand: the text is in `benchmarks/report.py`.",
+        "",
+        *summary(r),
+        "## Machine",
+        "",
+        *_table(
+            ["CPU", "cores", "torch", "threads used", "MKL", "load average (1, 5, 15 min) before / after"],
+            [
+                [
+                    m["cpu_model"],
+                    str(m["cores"]),
+                    m["torch"],
+                    str(m["torch_threads"]),
+                    str(m["mkl"]),
+                    " / ".join(
+                        ", ".join(f"{x:.1f}" for x in la)
+                        for la in (m["load_average"], m["load_average_after"])
+                    ),
+                ]
+            ],
+        ),
+        "",
+        METHOD.format(layers=s["layers"], repeats=s["repeats"]),
+        "",
+        "## Targets (N = 6 experts, R = 4, gate/up/down)",
+        "",
+        *_table(
+            ["target", "measured", "wanted", "met"],
+            [
+                [
+                    t["target"],
+                    _f(t["value"]),
+                    f"{t['op']} {t['threshold']:.2f}",
+                    "yes" if t["met"] else "**no**",
+                ]
+                for t in r["targets"]
+            ],
+        ),
+        "",
+    ]
+    lines += ["## Training step: SmolLM2-135M architecture, float32", ""]
+    for sec in r["train"]:
+        lines += [
+            f"{sec['layers']} layers, batch {sec['batch']} x {sec['seq']} tokens. Ratios are paired per round "
+            "(median of round ratios).",
+            "",
+        ]
+        rows = []
+        for name, v in sec["variants"].items():
+            rows.append(
+                [
+                    name,
+                    _f(v["cpu_s"]),
+                    f"{v['tokens_per_s']:.0f}",
+                    _f(v["vs_floor"]),
+                    _f(v.get(f"vs {PEFT}")),
+                    _f(v.get(f"vs {PEFT0}")),
+                    _f(v["wall_s"]),
+                ]
+            )
+        lines += _table(
+            ["variant", "CPU s/step", "tokens/s", "/ floor", f"/ {PEFT}", f"/ {PEFT0}", "wall s"], rows
+        )
+        lines.append("")
+    lines += ["## Generation (greedy, KV cache, unmerged adapters)", ""]
+    for sec in r["generation"]:
+        lines += [f"Batch {sec['batch']}, prompt {sec['prompt']}, {sec['new_tokens']} new tokens.", ""]
+        rows = [
+            [n, f"{v['tokens_per_s']:.1f}", _f(v["throughput_vs_peft"]), _f(v["cpu_s"])]
+            for n, v in sec["variants"].items()
+        ]
+        lines += _table(["variant", "tokens/s (CPU time)", f"throughput / {PEFT}", "CPU s"], rows) + [""]
+    lines += ["## Peak memory of a training step (fresh process per variant)", ""]
+    for sec in r["memory"]:
+        rows, ref = sec["variants"], sec["variants"].get(PEFT)
+        lines += [f"{sec['layers']} layers, batch {sec['batch']} x {sec['seq']}.", ""]
+        lines += _table(
+            [
+                "variant",
+                "peak RSS MiB",
+                "RSS before step MiB",
+                "step peak delta MiB",
+                f"delta / {PEFT}",
+                f"peak / {PEFT}",
+            ],
+            [
+                [
+                    n,
+                    f"{v['peak_mib']:.0f}",
+                    f"{v['rss_before_mib']:.0f}",
+                    f"{v['step_peak_delta_mib']:.0f}",
+                    _f(v["step_peak_delta_mib"] / ref["step_peak_delta_mib"]) if ref else "-",
+                    _f(v["peak_mib"] / ref["peak_mib"]) if ref else "-",
+                ]
+                for n, v in rows.items()
+            ],
+        ) + [""]
+    lines += ["## The adapter's own cost per linear (fwd + bwd, minus the bare frozen linear)", ""]
+    for sec in r["layer"]:
+        lines += [
+            f"{sec['shape'][0]} -> {sec['shape'][1]}, {sec['tokens'][0]} x {sec['tokens'][1]} tokens, "
+            f"N = {sec['experts']}, R = {sec['rank']}.",
+            "",
+        ]
+        rows = [[n, _f(v["step_ms"], 1), _f(v.get("adapter_ms", 0.0), 1)] for n, v in sec["variants"].items()]
+        lines += _table(["variant", "fwd+bwd ms", "adapter ms"], rows) + [""]
+        lines += [
+            "Loop / fused adapter cost: "
+            + ", ".join(f"{k.split()[-1]} {_f(v, 1)}x" for k, v in sec["ratios"].items())
+            + ". Previous fused forward (before issue 6) / now: "
+            + ", ".join(f"{k.split()[-1]} {_f(v, 1)}x" for k, v in sec.get("before_after", {}).items())
+            + ".",
+            "",
+        ]
+    sw = r["sweep"]
+    lines += [
+        f"## Scaling sweep: adapter ms per linear ({sw['shape'][0]} -> {sw['shape'][1]}, "
+        f"{sw['tokens'][0]} x {sw['tokens'][1]} tokens, fwd + bwd)",
+        "",
+    ]
+    cols = ["fused p=0", "loop p=0", "fused per_expert", "loop per_expert", "fused shared", "peft"]
+    rows = []
+    for row in sw["rows"]:
+        v = row["variants"]
+        rows.append(
+            [str(row["experts"]), str(row["rank"])]
+            + [_f(v[c]["adapter_ms"], 1) for c in cols]
+            + [
+                _f(v["loop p=0"]["adapter_ms"] / v["fused p=0"]["adapter_ms"], 1),
+                _f(v["loop per_expert"]["adapter_ms"] / v["fused per_expert"]["adapter_ms"], 1),
+            ]
+        )
+    lines += _table(
+        ["N", "R", *cols[:-1], f"PEFT r=N*R p={sw['dropout']}", "loop/fused p=0", "loop/fused per_expert"],
+        rows,
+    )
+    tk = r["top_k"]
+    k = tk["k"]
+    fl = tk["flops_per_token"]
+    lines += [
+        "",
+        f"## Top-{k} routing against dense (N = {tk['experts']}, R = {tk['rank']}, "
+        f"{tk['shape'][0]} -> {tk['shape'][1]}, {tk['tokens'][0]} x {tk['tokens'][1]} tokens)",
+        "",
+    ]
+    lines += [
+        f"Adapter forward FLOPs per token: dense {fl['dense']:,}, top-{k} {fl[f'top-{k}']:,} "
+        f"({fl['dense'] / fl[f'top-{k}']:.1f}x fewer); the frozen base linear: {fl['base']:,}.",
+        "",
+    ]
+    rows = [
+        [
+            n,
+            _f(tv["step_ms"], 1),
+            _f(tv.get("adapter_ms", 0.0), 1),
+            _f(tk["inference"][n]["step_ms"], 1),
+            _f(tk["inference"][n].get("adapter_ms", 0.0), 1),
+        ]
+        for n, tv in tk["train"].items()
+    ]
+    lines += _table(["variant", "train fwd+bwd ms", "adapter ms", "inference fwd ms", "adapter ms"], rows) + [
+        ""
+    ]
+    lines += [FINDINGS, ""]
+    return "\n".join(lines)
+
+
+METHOD = """## How it is measured
+
+- Every figure is side by side: in each of {repeats} rounds every variant runs once, in an order that rotates
+  from round to round, after one untimed warm-up each. Reported times are medians; ratios are the median of the
+  per-round ratios (paired), never ratios of numbers from different runs.
+- Time is the CPU time of the benchmark process (`time.process_time`), with one torch thread. The machine's
+  two cores are shared with other work; wall time, also reported, moves with that load, and with two OpenMP threads
+  a step can stall for milliseconds whenever the other core is taken (small ops measured 10x slower), so one
+  thread gives the stable, comparable number. Absolute speeds are those of one core.
+- The model is the SmolLM2-135M architecture (hidden 576, FFN 1536, 9 heads, 3 KV heads, vocab 49152, tied
+  embeddings) built from a `LlamaConfig` with random weights, float32, {layers} decoder layers (the per-expert
+  loop: fewer, see its table). All variants share
+  one copy of the base weights. The train step is forward, cross-entropy, backward, AdamW step; the balancing loss
+  (LBC) is not included, so the numbers compare the adapters alone. The floor is the frozen base with backward to
+  `inputs_embeds` and no optimizer.
+- Adapters: PEFT LoRA r = 24 (= N * R) with `lora_dropout`, unmerged; loramoe N = 6, R = 4 (fused: the library;
+  loop: `benchmarks/reference.py`, the reference code's structure with the same parameters). B is random (std 1e-3),
+  not the zero init. Dropout 0.05 as in training: `per_expert` (N masks, the reference) and `shared` (one mask,
+  like PEFT's), plus a no-dropout pair (`p=0`).
+- Peak memory: each variant in a fresh process; after one warm-up step the kernel's high-water mark is reset
+  (`/proc/self/clear_refs`) and read after one more step. "Step peak delta" is that peak minus the resident size
+  just before the step (activations, gradients, temporaries); "peak RSS" includes the weights and the runtime."""
+
+FINDINGS = """## What was changed in `src/loramoe/layer.py`, and why
+
+Profiled with `torch.profiler` at the layer level; each change was measured side by side against the previous
+forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
+
+1. **Per-expert dropout without N copies of x.** The old forward expanded x to (N, M, D) and ran `F.dropout` on it:
+   N * M * D Bernoulli draws (about 10 ns each on this CPU), N masked copies of x and N float noise tensors kept
+   for backward. Now `A_n (m_n * x) = A_n x - A_n ((1 - m_n) * x)`: one dense GEMM on the undropped x, minus a
+   sparse product over the dropped entries only. Those are drawn directly: the gaps between dropped entries of
+   i.i.d. Bernoulli(p) trials are Geometric(p), sampled by inversion in float64, so about p * N * M * D draws (5 %)
+   instead of N * M * D; the correction is one CSR sparse-dense product forward and per-rank gathers/scatters
+   backward (`_SparseExpertInput`); autograd keeps int32 index lists, not masks. Same distribution (checked:
+   drop rate, gap law, independence), and values and gradients equal to explicit masks.
+2. **Shared dropout** draws the dropped positions the same way and zeroes them in one copy of x (`index_fill`);
+   backward zeroes the same positions of the gradient. No dense Bernoulli pass and no noise tensor (PEFT keeps both).
+3. **Router and experts in one GEMM** (no dropout, or per-expert dropout): x @ [A; W_g]^T, so one gradient GEMM
+   back to x instead of two plus an add; its width is padded to a multiple of 16 rows because MKL ran a 30-wide
+   output at half the speed of a 32-wide one.
+4. **Fast layout for the up-projection**: B is used as (N*R, O) row-major (`h @ B_KO`) instead of `F.linear` with an
+   (O, N*R) weight; MKL runs this skinny GEMM 2x faster at O = 1536. The `+ result` is fused into it (`addmm`).
+5. **Scaling folded**: `alpha / R`, the router weight and dropout's `1 / (1 - p)` are one (M, N) scale of the
+   (M, N, R) hidden, never an (M, O) multiply.
+6. **Top-k**: the old path gathered each expert's tokens in a Python loop (the FLOP-saving form, kept as
+   `reference.GatherTopKLinear`); it is computed now as dense routing with the weights of the non-chosen experts
+   zeroed, which is as fast as dense (see the top-k table: the gather form is slower than dense despite the fewer
+   FLOPs, because at R = 4 the dense expert GEMMs are cheap and memory-bound while per-expert gathers, small GEMMs and
+   scatters are not). It also makes `dropout_mode="shared"` hold under top-k (the gather path drew a mask per expert).
+
+Why per-expert dropout still costs more than PEFT's single mask (see also the summary): it is N = 6 independent masks, so it draws
+6 x p = 0.3 dropped entries per element of x against PEFT's one Bernoulli draw per element, and each dropped entry is
+a gather and a scatter rather than a streaming multiply. It is much cheaper than building the N copies (the loop and
+the old fused layer), but it is not the same work as one mask; `shared` is the like-for-like comparison with PEFT."""
+
+PER_EXPERT_WHY = """Why per-expert dropout misses where it does: it is N = 6 independent masks per adapted linear, the
+reference's choice, against PEFT's one. The fused layer no longer builds N masked copies of x (the loop and the
+previous forward did, and pay several times more), but each dropped entry of each expert's mask still has to be
+drawn, gathered and scattered back in backward: 6 x 0.05 = 0.3 entries per element of x, with gather/scatter
+passes that torch cannot fuse on CPU, against PEFT's single streaming multiply. With one shared mask, the
+like-for-like comparison with PEFT, the fused layer is at or below PEFT. `dropout_mode="shared"` (or dropout 0)
+is the fast choice; `per_expert` stays the default because it is the reference's numerics."""

@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark code (tiny sizes, one round, nothing timed meaningfully) so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import model_bench, run  # noqa: E402
+from benchmarks.reference import ExpertLoopLinear, GatherTopKLinear, PreviousFusedLinear  # noqa: E402
+
+from loramoe.layer import LoRAMoELinear  # noqa: E402
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def test_tiny_run_writes_results_targets_and_report(tmp_path):
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    results = run.main(["--tiny", "--out", str(out), "--md", str(md)])
+    assert json.loads(out.read_text())["settings"]["tiny"] is True
+    assert {"machine", "layer", "sweep", "top_k", "train", "generation", "memory", "targets"} <= set(results)
+    train = results["train"][0]["variants"]
+    assert {"floor", "peft p=0.05", "fused per_expert", "loop per_expert"} <= set(train)
+    assert all(v["cpu_s"] > 0 for v in train.values())
+    assert results["memory"][0]["variants"]["fused per_expert"]["peak_mib"] > 0
+    assert all({"target", "value", "met"} <= set(t) for t in results["targets"])
+    text = md.read_text()
+    assert "## Targets" in text and "## Top-2 routing" in text
+    md.unlink()
+    run.main(["--from-json", str(out), "--md", str(md)])
+    assert md.read_text() == text
+
+
+@pytest.mark.parametrize("reference", [ExpertLoopLinear, PreviousFusedLinear])
+@pytest.mark.parametrize("dropout_mode", ["per_expert", "shared"])
+def test_reference_structures_compute_the_fused_layer(reference, dropout_mode):
+    layer = LoRAMoELinear(
+        nn.Linear(16, 24), num_experts=3, rank=2, alpha=8.0, dropout=0.1, dropout_mode=dropout_mode
+    )
+    with torch.no_grad():
+        layer.loramoe_B.normal_()
+    x = torch.randn(2, 5, 16)
+    fused = layer.eval()(x)
+    layer.__class__ = reference
+    torch.testing.assert_close(layer(x), fused, **TOL)
+    layer.train()(x)  # its dropout path runs
+
+
+def test_gather_top_k_reference_computes_the_library_top_k():
+    layer = LoRAMoELinear(nn.Linear(16, 24), num_experts=4, rank=2, alpha=8.0, top_k=2)
+    with torch.no_grad():
+        layer.loramoe_B.normal_()
+    x = torch.randn(3, 4, 16)
+    library = layer.eval()(x)
+    layer.__class__ = GatherTopKLinear
+    torch.testing.assert_close(layer(x), library, **TOL)
+
+
+def test_peak_rss_child_prints_one_json_line(capsys):
+    spec = {
+        "kind": "fused",
+        "dropout": 0.05,
+        "mode": "shared",
+        "layers": 1,
+        "batch": 1,
+        "seq": 8,
+        "tiny": True,
+    }
+    model_bench._child(["--peak-rss", json.dumps(spec)])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["variant"] == "fused shared" and record["peak_mib"] >= record["rss_before_mib"] > 0
