@@ -122,7 +122,12 @@ def summary(r: dict) -> list[str]:
     missed = [x["target"] for x in r["targets"] if not x["met"]]
     out += ["", "Targets missed: " + ("; ".join(missed) if missed else "none") + ".", ""]
     if any("per_expert" in m for m in missed):
-        out += [PER_EXPERT_WHY, ""]
+        like = ", ".join(
+            f"{_f(sec['variants']['fused shared']['vs ' + PEFT])}x ({sec['batch']} x {sec['seq']})"
+            for sec in r["train"]
+            if sec["layers"] == layers and "fused shared" in sec["variants"]
+        )
+        out += [PER_EXPERT_WHY.format(shared=like, peft_floor=v(PEFT, "vs_floor")), ""]
     return out
 
 
@@ -311,26 +316,37 @@ def render(r: dict) -> str:
 
 METHOD = """## How it is measured
 
+Reproduce with `python benchmarks/run.py` (about 40 minutes here; `--quick`: 4 layers, 3 rounds, about 15).
+
 - Every figure is side by side: in each of {repeats} rounds every variant runs once, in an order that rotates
-  from round to round, after one untimed warm-up each. Reported times are medians; ratios are the median of the
-  per-round ratios (paired), never ratios of numbers from different runs.
+  from round to round, after one untimed warm-up each. Ratios (the `/ ...` and `throughput / ...` columns, and
+  the targets) are the median of the per-round ratios: pairing cancels the drift of the machine's load between
+  rounds. The absolute columns (s/step, tokens/s, ms) are each variant's own median and can disagree with the
+  paired ratio when the load drifts; trust the ratio. Round-to-round scatter of a ratio is a few percent, so a
+  ratio within about 0.03 of its threshold is a tie.
 - Time is the CPU time of the benchmark process (`time.process_time`), with one torch thread. The machine's
-  two cores are shared with other work; wall time, also reported, moves with that load, and with two OpenMP threads
-  a step can stall for milliseconds whenever the other core is taken (small ops measured 10x slower), so one
-  thread gives the stable, comparable number. Absolute speeds are those of one core.
+  two cores are shared with other work (load average in the table above); wall time, also reported, moves with
+  that load, and with two OpenMP threads small ops stalled for milliseconds whenever the other core was taken
+  (measured 10x slower), so one thread gives the stable, comparable number. Absolute speeds are those of one core.
 - The model is the SmolLM2-135M architecture (hidden 576, FFN 1536, 9 heads, 3 KV heads, vocab 49152, tied
-  embeddings) built from a `LlamaConfig` with random weights, float32, {layers} decoder layers (the per-expert
-  loop: fewer, see its table). All variants share
-  one copy of the base weights. The train step is forward, cross-entropy, backward, AdamW step; the balancing loss
-  (LBC) is not included, so the numbers compare the adapters alone. The floor is the frozen base with backward to
-  `inputs_embeds` and no optimizer.
-- Adapters: PEFT LoRA r = 24 (= N * R) with `lora_dropout`, unmerged; loramoe N = 6, R = 4 (fused: the library;
-  loop: `benchmarks/reference.py`, the reference code's structure with the same parameters). B is random (std 1e-3),
-  not the zero init. Dropout 0.05 as in training: `per_expert` (N masks, the reference) and `shared` (one mask,
-  like PEFT's), plus a no-dropout pair (`p=0`).
+  embeddings) built from a `LlamaConfig` with random weights, float32, {layers} decoder layers. The per-expert
+  loop is measured at 8 layers, beside the fused layer and PEFT at the same depth: it keeps N masked copies of x
+  and N (M, O) products per adapted linear for backward (2.6x PEFT's activation memory, see below), about 10 GB at
+  30 layers, which was OOM-killed on this shared 24 GB machine. All variants share one copy of the base weights.
+- The train step is forward, cross-entropy, backward, AdamW step; the balancing loss (LBC) is not included, so
+  the numbers compare the adapters alone. The floor is the frozen base with backward to `inputs_embeds` and no
+  optimizer (its backward also runs through layer 0's attention, which the adapters' does not need: 1/30 of the
+  attention backward, so the floor is, if anything, slightly slow).
+- Adapters: PEFT LoRA r = 24 (= N * R) with `lora_dropout`, unmerged; loramoe N = 6, R = 4, alpha 32 (fused: the
+  library; loop: `benchmarks/reference.py`, the reference code's structure with the same parameters). B is random
+  (std 1e-3), not the zero init. Dropout 0.05 as in training: `per_expert` (N masks, the reference) and `shared`
+  (one mask, like PEFT's), plus a no-dropout pair (`p=0`). Generation runs in eval mode, so dropout is off there.
 - Peak memory: each variant in a fresh process; after one warm-up step the kernel's high-water mark is reset
   (`/proc/self/clear_refs`) and read after one more step. "Step peak delta" is that peak minus the resident size
-  just before the step (activations, gradients, temporaries); "peak RSS" includes the weights and the runtime."""
+  just before the step (activations, gradients, temporaries); "peak RSS" includes the weights and the runtime.
+- Layer level: one frozen `nn.Linear` with 4 x 256 tokens; "adapter ms" is the median over rounds of (adapted
+  fwd+bwd) - (bare fwd+bwd) of the same round. "previous" is the fused forward before issue 6
+  (`reference.PreviousFusedLinear`)."""
 
 FINDINGS = """## What was changed in `src/loramoe/layer.py`, and why
 
@@ -343,8 +359,8 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    sparse product over the dropped entries only. Those are drawn directly: the gaps between dropped entries of
    i.i.d. Bernoulli(p) trials are Geometric(p), sampled by inversion in float64, so about p * N * M * D draws (5 %)
    instead of N * M * D; the correction is one CSR sparse-dense product forward and per-rank gathers/scatters
-   backward (`_SparseExpertInput`); autograd keeps int32 index lists, not masks. Same distribution (checked:
-   drop rate, gap law, independence), and values and gradients equal to explicit masks.
+   backward (`_SparseExpertInput`); autograd keeps int32 index lists, not masks. Same distribution, and values and
+   gradients equal to explicit masks (both checked in `tests/test_benchmarks.py`).
 2. **Shared dropout** draws the dropped positions the same way and zeroes them in one copy of x (`index_fill`);
    backward zeroes the same positions of the gradient. No dense Bernoulli pass and no noise tensor (PEFT keeps both).
 3. **Router and experts in one GEMM** (no dropout, or per-expert dropout): x @ [A; W_g]^T, so one gradient GEMM
@@ -352,23 +368,24 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    output at half the speed of a 32-wide one.
 4. **Fast layout for the up-projection**: B is used as (N*R, O) row-major (`h @ B_KO`) instead of `F.linear` with an
    (O, N*R) weight; MKL runs this skinny GEMM 2x faster at O = 1536. The `+ result` is fused into it (`addmm`).
-5. **Scaling folded**: `alpha / R`, the router weight and dropout's `1 / (1 - p)` are one (M, N) scale of the
+5. **No per-call rebuild in generation**: `[A; W_g; 0]` and B's (N*R, O) layout are rebuilt on every call while
+   autograd needs them, and cached otherwise (keyed on the parameters' versions, so an optimizer step or
+   `load_state_dict` invalidates them): three fewer ops per adapted linear per decoding step.
+6. **Scaling folded**: `alpha / R`, the router weight and dropout's `1 / (1 - p)` are one (M, N) scale of the
    (M, N, R) hidden, never an (M, O) multiply.
-6. **Top-k**: the old path gathered each expert's tokens in a Python loop (the FLOP-saving form, kept as
+7. **Top-k**: the old path gathered each expert's tokens in a Python loop (the FLOP-saving form, kept as
    `reference.GatherTopKLinear`); it is computed now as dense routing with the weights of the non-chosen experts
-   zeroed, which is as fast as dense (see the top-k table: the gather form is slower than dense despite the fewer
-   FLOPs, because at R = 4 the dense expert GEMMs are cheap and memory-bound while per-expert gathers, small GEMMs and
+   zeroed, which costs about what dense costs, plus the top-k selection (see the top-k table: the gather form is
+   several times slower than dense despite the fewer FLOPs, because at R = 4 the dense expert GEMMs are cheap and memory-bound while per-expert gathers, small GEMMs and
    scatters are not). It also makes `dropout_mode="shared"` hold under top-k (the gather path drew a mask per expert).
+"""
 
-Why per-expert dropout still costs more than PEFT's single mask (see also the summary): it is N = 6 independent masks, so it draws
-6 x p = 0.3 dropped entries per element of x against PEFT's one Bernoulli draw per element, and each dropped entry is
-a gather and a scatter rather than a streaming multiply. It is much cheaper than building the N copies (the loop and
-the old fused layer), but it is not the same work as one mask; `shared` is the like-for-like comparison with PEFT."""
-
-PER_EXPERT_WHY = """Why per-expert dropout misses where it does: it is N = 6 independent masks per adapted linear, the
-reference's choice, against PEFT's one. The fused layer no longer builds N masked copies of x (the loop and the
-previous forward did, and pay several times more), but each dropped entry of each expert's mask still has to be
-drawn, gathered and scattered back in backward: 6 x 0.05 = 0.3 entries per element of x, with gather/scatter
-passes that torch cannot fuse on CPU, against PEFT's single streaming multiply. With one shared mask, the
-like-for-like comparison with PEFT, the fused layer is at or below PEFT. `dropout_mode="shared"` (or dropout 0)
-is the fast choice; `per_expert` stays the default because it is the reference's numerics."""
+PER_EXPERT_WHY = """Why per-expert dropout misses: it is N = 6 independent masks per adapted linear (the reference's
+choice) against PEFT's one. The fused layer no longer builds N masked copies of x (the loop and the previous
+forward did, and pay several times more), but each dropped entry of each expert's mask is still drawn, gathered
+and scattered back in backward: 6 x 0.05 = 0.3 entries per element of x, in index passes torch cannot fuse on a CPU,
+against PEFT's one streaming multiply. The dropout alone costs about twice PEFT's per linear (summary above), a few
+percent of the step. Like for like, one shared mask against PEFT's one mask, the fused step is {shared} PEFT's.
+The floor target is stricter than PEFT parity here: PEFT LoRA itself takes {peft_floor}x the floor at 4 x 256.
+`dropout_mode="shared"` (or no dropout) is the fast choice; `per_expert` stays the default because it is the
+reference's method."""

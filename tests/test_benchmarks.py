@@ -76,3 +76,67 @@ def test_peak_rss_child_prints_one_json_line(capsys):
     model_bench._child(["--peak-rss", json.dumps(spec)])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["variant"] == "fused shared" and record["peak_mib"] >= record["rss_before_mib"] > 0
+
+
+# The claims docs/benchmarks.md makes about the sparse dropout of layer.py (they belong with test_layer.py).
+
+
+def test_dropped_positions_follow_the_bernoulli_law():
+    from loramoe.layer import _dropped_positions
+
+    torch.manual_seed(0)
+    n, p = 400_000, 0.05
+    pos = _dropped_positions(n, p, torch.device("cpu"), torch.int64)
+    assert (pos[1:] > pos[:-1]).all() and pos[0] >= 0 and pos[-1] < n
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(pos.numel() / n - p) < 5 * sd
+    gaps = (pos[1:] - pos[:-1]).float()  # i.i.d. Geometric(p): P(gap = k) = (1 - p)^(k - 1) p
+    for k in (1, 2, 10):
+        expected = (1 - p) ** (k - 1) * p
+        assert abs((gaps == k).float().mean().item() - expected) < 5 * (expected / gaps.numel()) ** 0.5
+    counts = torch.zeros(7)
+    for _ in range(3000):  # tiny sizes exercise the second round of draws too
+        counts[_dropped_positions(7, 0.3, torch.device("cpu"), torch.int64)] += 1
+    torch.testing.assert_close(counts / 3000, torch.full((7,), 0.3), atol=0.04, rtol=0)
+
+
+@pytest.mark.parametrize("dropout_mode", ["per_expert", "shared"])
+def test_sparse_dropout_equals_explicit_masks_values_and_grads(dropout_mode, monkeypatch):
+    import loramoe.layer as layer_module
+
+    drawn, draw = [], layer_module._dropped_positions
+
+    def recording_draw(numel, *args):
+        drawn.append((numel, draw(numel, *args)))
+        return drawn[-1][1]
+
+    monkeypatch.setattr(layer_module, "_dropped_positions", recording_draw)
+    n, r, d, o, m, p = 3, 2, 7, 5, 11, 0.4
+    layer = LoRAMoELinear(
+        nn.Linear(d, o), num_experts=n, rank=r, alpha=4.0, dropout=p, dropout_mode=dropout_mode
+    )
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.loramoe_B.normal_()
+    x = torch.randn(m, d, requires_grad=True)
+    out = layer.train()(x)
+    numel, pos = drawn[0]
+    keep = torch.ones(numel)
+    keep[pos.long()] = 0
+    masks = (
+        keep.view(m, n, d).transpose(0, 1)
+        if dropout_mode == "per_expert"
+        else keep.view(m, d).expand(n, m, d)
+    )
+    probs = torch.softmax(x @ layer.loramoe_router.T, -1)
+    expected = layer.base_layer(x)
+    for i in range(n):
+        expert = (x * masks[i] / (1 - p)) @ layer.loramoe_A[i].T @ layer.loramoe_B[i].T
+        expected = expected + probs[:, i : i + 1] * layer.scaling * expert
+    torch.testing.assert_close(out, expected, **TOL)
+    weight = torch.randn(m, o)
+    params = [x, layer.loramoe_A, layer.loramoe_B, layer.loramoe_router]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((expected * weight).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
