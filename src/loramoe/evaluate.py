@@ -56,7 +56,7 @@ class EvalConfig:
         limit: Documents per task: None = each task's CPU-sized default (100 QA/cloze, 200 classification,
             50 XSum), 0 = every document, N = N for every task.
         batch_size: lm-eval batch size.
-        max_new_tokens: Cap on generated tokens for generation tasks; None keeps each task's own (8 to 48).
+        max_new_tokens: Cap on generated tokens for generation tasks; None keeps each task's own (8 to 40).
         chat_template: Wrap prompts in the tokenizer's chat template (lm-eval's apply_chat_template); None = when
             the tokenizer has one, as training does (``DataConfig.template = "auto"``).
         data_dir: Shared data folder; None = $LORAMOE_DATA_DIR, else ../shared/data beside the repository.
