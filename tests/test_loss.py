@@ -12,7 +12,7 @@ from loramoe.loss import check_task_types, compute_loss, lbc_coefficients, local
 from loramoe.routing import RouterRecorder
 
 from reference import lbc_coefficient, reference_lbc, reference_lbc_over_layers
-from tiny import tiny_model
+from tiny import adapted_llama, tiny_model
 
 # float32 library vs float64 Python reference on O(1) values.
 TOL = {"rtol": 1e-5, "atol": 1e-7}
@@ -34,15 +34,6 @@ def make_batch(b: int = 4, t: int = 7, *, padded: bool = False, task_types=(0, 1
     if task_types is not None:
         batch["task_types"] = torch.tensor(task_types)
     return batch
-
-
-def adapted_llama(**cfg_kwargs):
-    model = inject(tiny_model("llama"), LoRAMoEConfig(dropout=0.0, **cfg_kwargs))
-    with torch.no_grad():
-        for layer in adapted_modules(model).values():
-            layer.loramoe_B.normal_(std=0.3)
-            layer.loramoe_router.normal_(std=1.0)
-    return model
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.1, 0.6])

@@ -5,24 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.config import LoRAMoEConfig
 from loramoe.errors import TrainingError
-from loramoe.inject import adapted_modules, inject
+from loramoe.inject import adapted_modules
 from loramoe.loss import compute_loss
 from loramoe.routing import RouterRecorder, group_mass, routing_stats
 
-from tiny import tiny_model
+from tiny import adapted_llama, tiny_model
 
 IDS = torch.tensor([[5, 17, 200, 33, 9, 64, 128], [1, 2, 3, 4, 5, 6, 7]])
-
-
-def adapted_llama(**cfg_kwargs):
-    model = inject(tiny_model("llama"), LoRAMoEConfig(dropout=0.0, **cfg_kwargs))
-    with torch.no_grad():
-        for layer in adapted_modules(model).values():
-            layer.loramoe_B.normal_(std=0.3)
-            layer.loramoe_router.normal_(std=1.0)
-    return model
 
 
 def lm_batch() -> dict:

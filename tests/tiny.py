@@ -32,8 +32,16 @@ ARCHITECTURES: dict[str, dict] = {
 
 def tiny_config(model_type: str = "llama", **overrides):
     if model_type == "gpt2":
-        kw = dict(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=64,
-                  bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            vocab_size=VOCAB_SIZE,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            n_inner=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     else:
         kw = dict(
             vocab_size=VOCAB_SIZE,
@@ -79,3 +87,15 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
         fast.chat_template = CHATML_TEMPLATE
     assert len(fast) <= VOCAB_SIZE
     return fast
+
+
+def adapted_llama(**cfg_kwargs) -> torch.nn.Module:
+    """A tiny llama with LoRAMoE injected (dropout off) and random, non-zero B and router weights."""
+    from loramoe import LoRAMoEConfig, adapted_modules, inject
+
+    model = inject(tiny_model("llama"), LoRAMoEConfig(dropout=0.0, **cfg_kwargs))
+    with torch.no_grad():
+        for layer in adapted_modules(model).values():
+            layer.loramoe_B.normal_(std=0.3)
+            layer.loramoe_router.normal_(std=1.0)
+    return model

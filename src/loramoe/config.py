@@ -103,9 +103,9 @@ class LoRAMoEConfig:
                 object.__setattr__(self, name, tuple(value))
         _check_int(self, "num_experts", 1)
         _check_int(self, "rank", 1)
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         _check_choice(self, "dropout_mode", DROPOUT_MODES)
         _check_choice(self, "lbc_normalization", NORMALIZATIONS)
@@ -115,9 +115,9 @@ class LoRAMoEConfig:
             _check_int(self, "top_k", 1)
             if self.top_k > self.num_experts:
                 raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if not _is_number(self.lbc_delta) or not 0.0 <= self.lbc_delta < 1.0:
+        if not is_number(self.lbc_delta) or not 0.0 <= self.lbc_delta < 1.0:
             raise ConfigError(f"lbc_delta must be in [0, 1), got {self.lbc_delta!r}")
-        if not _is_number(self.lbc_weight) or self.lbc_weight < 0:
+        if not is_number(self.lbc_weight) or self.lbc_weight < 0:
             raise ConfigError(f"lbc_weight must be >= 0 (0 disables the LBC), got {self.lbc_weight!r}")
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
@@ -147,7 +147,7 @@ class LoRAMoEConfig:
                     f"expert_groups has {len(groups)} sizes but task_names has {len(self.task_names)} names; give one "
                     "group size per task type"
                 )
-            if not all(_is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
+            if not all(is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
                 raise ConfigError(
                     f"expert_groups {list(groups)} must be positive integers summing to num_experts={self.num_experts}"
                 )
@@ -212,11 +212,12 @@ def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:
     return docs
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML and JSON give both). Shared by every config's validation."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN or infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any, Union
 from transformers import TrainingArguments
 
 from loramoe.config import LoRAMoEConfig
+from loramoe.config import is_int as _is_int
+from loramoe.config import is_number as _is_number
 from loramoe.errors import ConfigError
 
 METHODS = ("loramoe", "lora", "full")
@@ -164,14 +165,6 @@ class RunConfig:
             "data": self.data.to_dict(),
             "training": dict(self.training),
         }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # TrainingArguments fields whose out-of-range values transformers accepts and then fails on (or ignores) later.

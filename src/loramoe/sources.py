@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from loramoe.config import is_int as _is_int
 from loramoe.errors import ConfigError, DataError
 from loramoe.formats import (
     DEFAULT_TASK_NAMES,
@@ -36,10 +37,6 @@ from loramoe.formats import (
 logger = logging.getLogger("loramoe.data")
 
 TEMPLATES = ("auto", "chat", "plain")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_str(value: Any) -> bool:
