@@ -106,3 +106,28 @@ def convert(model: nn.Module, cls: type[LoRAMoELinear]) -> nn.Module:
         if isinstance(module, LoRAMoELinear):
             module.__class__ = cls
     return model
+
+
+class DenseTopKLinear(LoRAMoELinear):
+    """Top-k computed densely: every expert runs, the weights of the experts not chosen are zeroed (the library's
+    top-k before the sparse path; same values)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        n, r, d = self.loramoe_A.shape
+        x_MD = x.to(self.loramoe_A.dtype).reshape(-1, d)
+        p = self.dropout if self.training else 0.0
+        down_KD, B_KO = self._build_stacked()
+        h_MK, logits_MN = self._down_and_route(x_MD, down_KD, p)
+        probs = torch.softmax(logits_MN.float(), dim=-1)
+        for hook in self._router_hooks.values():
+            hook(self, probs.view(*x.shape[:-1], n))
+        top_w_Mk, top_i_Mk = probs.to(h_MK.dtype).topk(self.top_k, dim=-1)
+        weights_MN = torch.zeros_like(h_MK[:, :n]).scatter(
+            -1, top_i_Mk, top_w_Mk / top_w_Mk.sum(dim=-1, keepdim=True)
+        )
+        scale_MN1 = (weights_MN * (self.scaling / (1.0 - p))).unsqueeze(-1)
+        h_MK = (h_MK.view(-1, n, r) * scale_MN1).view(-1, n * r)
+        return torch.addmm(result.reshape(-1, self.out_features), h_MK, B_KO).view(result.shape)

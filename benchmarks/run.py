@@ -191,14 +191,18 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         repeats=1 if tiny else 2 * reps + 1,
     )
     log("layer: top-k")
-    results["top_k"] = layer_bench.top_k(
-        d_in=d_in,
-        d_out=d_out,
-        tokens=cfg["layer_tokens"],
-        n=16 if not tiny else 4,
-        k=2,
-        repeats=1 if tiny else 2 * reps + 1,
-    )
+    results["top_k"] = [
+        layer_bench.top_k(
+            d_in=d_in,
+            d_out=d_out,
+            tokens=cfg["layer_tokens"],
+            n=16 if not tiny else 4,
+            r=rank,
+            k=2,
+            repeats=1 if tiny else 2 * reps + 1,
+        )
+        for rank in (4, 32)
+    ]
     # Peak memory first, while this process is small: each variant runs in its own process beside it.
     log("model: peak memory (one fresh process per variant)")
     results["memory"] = memory_section(cfg["memory_plan"], args.threads, tiny)

@@ -66,6 +66,58 @@ def test_topk_forward_equals_topk_loop_values_and_grads(top_k):
         torch.testing.assert_close(g_fused, g_loop, **TOL, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def test_topk_computes_only_the_chosen_experts():
+    # An expert no token chooses never runs: NaN weights in it cannot reach the output (a dense product with a
+    # zero weight would give NaN * 0 = NaN), and it gets no gradient.
+    layer = make_layer(num_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        layer.loramoe_router[3].fill_(0.0)
+        layer.loramoe_router[:3].normal_()
+    x = torch.randn(3, 4, D_IN).abs()
+    with torch.no_grad():
+        layer.loramoe_router[3] = -10.0  # logit -10 * sum(x): never in the top 2
+        layer.loramoe_A[3].fill_(float("nan"))
+        layer.loramoe_B[3].fill_(float("nan"))
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(layer.loramoe_A.grad[:3]).all()
+    assert torch.equal(layer.loramoe_A.grad[3], torch.zeros_like(layer.loramoe_A.grad[3]))
+    assert torch.equal(layer.loramoe_B.grad[3], torch.zeros_like(layer.loramoe_B.grad[3]))
+
+
+def test_topk_expert_flops_scale_with_k_over_n():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def matmul_flops(layer, x):
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        return counter.get_total_flops()
+
+    x = torch.randn(4, 16, D_IN)
+    dense = make_layer(num_experts=8, rank=4).eval()
+    top2 = make_layer(num_experts=8, rank=4, top_k=2).eval()
+    base = matmul_flops(dense.base_layer, x)
+    router = 2 * x.numel() // D_IN * D_IN * 8
+    experts_dense = matmul_flops(dense, x) - base - router
+    experts_top2 = matmul_flops(top2, x) - base - router
+    tokens = x.numel() // D_IN
+    assert experts_top2 == 2 * tokens * 2 * 4 * (D_IN + D_OUT)  # k experts per token, down and up
+    assert experts_dense >= 4 * experts_top2  # N / k = 4 (dense also pads its fused GEMM)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_topk_adds_into_a_base_output_of_another_dtype(dtype):
+    layer = make_layer(num_experts=4, top_k=2).eval()
+    x = torch.randn(2, 5, D_IN)
+    reference = expert_loop_topk_forward(layer, x, 2)
+    layer.base_layer.to(dtype)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype
+    tol = {"rtol": 3e-2, "atol": 3e-2} if dtype == torch.bfloat16 else TOL
+    torch.testing.assert_close(out.float(), reference, **tol)
+
+
 def test_topk_routes_differently_from_dense():
     layer = make_layer(num_experts=4, top_k=2).eval()
     x = torch.randn(3, 4, D_IN)

@@ -18,7 +18,9 @@ class ConfigError(LoRAMoEError, ValueError):
 class DataError(LoRAMoEError, ValueError):
     """A data file or record is unusable. The message names the file, the line (or record index) and the field."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None
+    ):
         where = ""
         if path is not None:
             where = str(path)

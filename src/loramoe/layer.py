@@ -12,8 +12,9 @@ Design decisions:
 - Dropout never materialises a mask: the dropped entries are drawn directly (``_dropped_positions``, about p of
   the draws of a dense mask). Per-expert dropout subtracts the dropped entries' contribution from ``A_n x`` as a
   sparse product, so the N masked copies of x are never built or kept for backward.
-- Top-k routing zeroes the weights of the experts not chosen and runs the dense path: at LoRA ranks the expert
-  GEMMs are cheap and memory-bound, and gathering each expert's tokens costs more than it saves.
+- Top-k routing computes only the chosen experts: the (token, expert) pairs are sorted by expert, x is gathered
+  once in that order, each expert runs two GEMMs on its contiguous block, and one ``index_add`` mixes the results
+  back (``_top_k_experts``). The router is dense (the balancing loss reads all N probabilities).
 - A tensor in, a tensor out. Router probabilities reach callers through ``register_router_hook``, which the
   recorder in ``routing.py`` opens and closes; task types never reach this layer.
 - Adapter parameters are float32 by default whatever the base dtype (as PEFT does), and all their names start
@@ -68,7 +69,7 @@ class LoRAMoELinear(nn.Module):
         dropout: dropout probability on the experts' input (the router sees ``x`` undropped).
         dropout_mode: ``"per_expert"`` (N independent masks, the reference) or ``"shared"`` (one mask).
         top_k: None for dense routing (the paper); k to mix only the k most probable experts per token, with their
-            probabilities renormalised over the chosen k (computed densely, the other weights zeroed).
+            probabilities renormalised over the chosen k; only those k experts are computed for the token.
         dtype: dtype of the adapter parameters (float32 by default).
     """
 
@@ -124,20 +125,52 @@ class LoRAMoELinear(nn.Module):
         n, r, d = self.loramoe_A.shape
         x_MD = x.to(self.loramoe_A.dtype).reshape(-1, d)
         dropout = self.dropout if self.training else 0.0
+        if self.top_k is not None:
+            return self._top_k_experts(x_MD, result, dropout)
         down_KD, B_KO = self._stacked()
         h_MK, logits_MN = self._down_and_route(x_MD, down_KD, dropout)  # (M, N*R) rows A_n drop_n(x); (M, N)
         probs = torch.softmax(logits_MN.float(), dim=-1).view(*x.shape[:-1], n)  # (..., N) float32
         for hook in self._router_hooks.values():
             hook(self, probs)
         weights_MN = probs.view(-1, n).to(h_MK.dtype)
-        if self.top_k is not None:
-            weights_MN = _renormalised_top_k(weights_MN, self.top_k)
         # G_n * alpha / R and dropout's 1 / (1 - p) folded into one per-token scale of each R-block.
         scale_MN1 = (weights_MN * (self.scaling / (1.0 - dropout))).unsqueeze(-1)
         h_MK = (h_MK.view(-1, n, r) * scale_MN1).view(-1, n * r)
         if result.dtype == h_MK.dtype:  # "+ result" fused into the GEMM
             return torch.addmm(result.reshape(-1, self.out_features), h_MK, B_KO).view(result.shape)
         return result + (h_MK @ B_KO).view(result.shape).to(result.dtype)
+
+    def _top_k_experts(self, x_MD: torch.Tensor, result: torch.Tensor, dropout: float) -> torch.Tensor:
+        """Sparse top-k: each token through its k chosen experts only (S = M * k rows, grouped by expert)."""
+        n, r, d = self.loramoe_A.shape
+        k = self.top_k
+        probs = torch.softmax(F.linear(x_MD, self.loramoe_router).float(), dim=-1)  # (M, N) float32
+        for hook in self._router_hooks.values():
+            hook(self, probs.view(*result.shape[:-1], n))
+        top_w_Mk, top_i_Mk = probs.topk(k, dim=-1)
+        top_w_Mk = top_w_Mk / top_w_Mk.sum(dim=-1, keepdim=True)
+        expert_S = top_i_Mk.reshape(-1)
+        order_S = torch.argsort(expert_S, stable=True)  # (token, slot) pairs grouped by expert
+        token_S = order_S.div(k, rounding_mode="floor")
+        counts = torch.bincount(expert_S, minlength=n).tolist()
+        if dropout > 0 and self.dropout_mode == "shared":  # one mask on x, before the gather
+            x_MD = F.dropout(x_MD, dropout)
+        x_SD = x_MD.index_select(0, token_S)
+        if dropout > 0 and self.dropout_mode == "per_expert":  # each row is one (token, expert) pair
+            x_SD = F.dropout(x_SD, dropout)
+        scale_S1 = (top_w_Mk.reshape(-1).index_select(0, order_S).to(x_SD.dtype) * self.scaling).unsqueeze(-1)
+        h_SR = (
+            torch.cat([x_e @ self.loramoe_A[e].t() for e, x_e in enumerate(x_SD.split(counts)) if counts[e]])
+            * scale_S1
+        )
+        y_SO = torch.cat(
+            [h_e @ self.loramoe_B[e].t() for e, h_e in enumerate(h_SR.split(counts)) if counts[e]]
+        )
+        out_MO = result.reshape(-1, self.out_features)
+        if out_MO.dtype == y_SO.dtype:
+            return out_MO.index_add(0, token_S, y_SO).view(result.shape)
+        delta_MO = y_SO.new_zeros(out_MO.shape).index_add_(0, token_S, y_SO)
+        return (out_MO + delta_MO.to(out_MO.dtype)).view(result.shape)
 
     def _down_and_route(
         self, x_MD: torch.Tensor, down_KD: torch.Tensor, dropout: float
@@ -183,12 +216,6 @@ class LoRAMoELinear(nn.Module):
             f"experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
             f" ({self.dropout_mode}), {routing}"
         )
-
-
-def _renormalised_top_k(weights_MN: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep each token's k largest weights, renormalised to sum to 1; zero the others. (M, N) -> (M, N)."""
-    top_w_Mk, top_i_Mk = weights_MN.topk(k, dim=-1)
-    return torch.zeros_like(weights_MN).scatter(-1, top_i_Mk, top_w_Mk / top_w_Mk.sum(dim=-1, keepdim=True))
 
 
 def _dropped_positions(numel: int, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
