@@ -47,7 +47,7 @@ log = logging.getLogger("forgetting")
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 
-SIZES = [160, 16, 48]  # SFT samples; largest first (most informative), then the cheap smallest
+SIZES = [1000, 100, 300]  # SFT samples; largest first (most informative), then the cheap smallest
 METHODS = {
     # name: (method, overrides); lr is fixed per method family, chosen once before any result (see README)
     "loramoe": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 0.1}}),
@@ -63,8 +63,8 @@ LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 
 KNOWLEDGE = ["trec", "efficientqa", "rome", "lama"]
 DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
-EVAL_N = {"trec": 40, "efficientqa": 30, "rome": 50, "lama": 50,
-          "sst2": 40, "rte": 30, "boolq": 30, "agnews": 30, "xsum": 6}  # fmt: skip
+EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100,
+          "sst2": 60, "rte": 40, "boolq": 40, "agnews": 40, "xsum": 6}  # fmt: skip
 SMOKE_N = dict.fromkeys(EVAL_N, 3)
 MAX_NEW_TOKENS = 16
 XSUM_NEW_TOKENS = 32
