@@ -148,7 +148,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--from-json", type=Path, help="only re-render --md (and the targets) from this results file"
     )
+    parser.add_argument(
+        "--section",
+        choices=["top_k"],
+        help="re-measure only this section into the existing --out results (dated in the report) and re-render",
+    )
     args = parser.parse_args(argv)
+    if args.section:
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return _remeasure(args, argv)
+        finally:
+            torch.set_num_threads(threads_before)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         results["targets"] = report.targets(results)
@@ -191,18 +203,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         repeats=1 if tiny else 2 * reps + 1,
     )
     log("layer: top-k")
-    results["top_k"] = [
-        layer_bench.top_k(
-            d_in=d_in,
-            d_out=d_out,
-            tokens=cfg["layer_tokens"],
-            n=16 if not tiny else 4,
-            r=rank,
-            k=2,
-            repeats=1 if tiny else 2 * reps + 1,
-        )
-        for rank in (4, 32)
-    ]
+    results["top_k"] = _top_k(cfg)
     # Peak memory first, while this process is small: each variant runs in its own process beside it.
     log("model: peak memory (one fresh process per variant)")
     results["memory"] = memory_section(cfg["memory_plan"], args.threads, tiny)
@@ -233,6 +234,46 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     args.md.parent.mkdir(parents=True, exist_ok=True)
     args.md.write_text(report.render(results))
     log(f"wrote {args.out} and {args.md}")
+    return results
+
+
+def _top_k(cfg: dict) -> list[dict]:
+    d_in, d_out = cfg["layer_shapes"][0]
+    return [
+        layer_bench.top_k(
+            d_in=d_in,
+            d_out=d_out,
+            tokens=cfg["layer_tokens"],
+            n=16 if not cfg["tiny"] else 4,
+            r=rank,
+            k=2,
+            repeats=1 if cfg["tiny"] else 2 * cfg["repeats"] + 1,
+        )
+        for rank in (4, 32)
+    ]
+
+
+def _remeasure(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Re-measure one section into the results already in ``--out`` (the rest is kept as it was measured)."""
+    if not args.out.exists():
+        raise SystemExit(
+            f"{args.out}: no results to update; run the full benchmark first (without --section)"
+        )
+    results = json.loads(args.out.read_text())
+    cfg = settings(args)
+    started = time.time()
+    load_before = machine()["load_average"]
+    results[args.section] = _top_k(cfg)
+    results.setdefault("remeasured", {})[args.section] = {
+        "command": " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": [load_before, machine()["load_average"]],
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    results["targets"] = report.targets(results)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.md.write_text(report.render(results))
+    print(f"re-measured {args.section} into {args.out} and {args.md} ({time.time() - started:.0f} s)")
     return results
 
 

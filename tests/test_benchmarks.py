@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import model_bench, run  # noqa: E402
-from benchmarks.reference import ExpertLoopLinear, GatherTopKLinear, PreviousFusedLinear  # noqa: E402
+from benchmarks.reference import (  # noqa: E402
+    DenseTopKLinear,
+    ExpertLoopLinear,
+    GatherTopKLinear,
+    PreviousFusedLinear,
+)
 
 from loramoe.layer import LoRAMoELinear  # noqa: E402
 
@@ -37,6 +42,28 @@ def test_tiny_run_writes_results_targets_and_report(tmp_path):
     run.main(["--from-json", str(out), "--md", str(md)])
     assert md.read_text() == text
 
+    layer_before = json.loads(out.read_text())["layer"]
+    run.main(["--tiny", "--section", "top_k", "--out", str(out), "--md", str(md)])
+    updated = json.loads(out.read_text())
+    assert updated["layer"] == layer_before  # the other sections are kept as measured
+    assert [t["rank"] for t in updated["top_k"]] == [4, 32]
+    assert "Section `top_k` re-measured on" in md.read_text()
+
+
+def test_section_refuses_without_earlier_results(tmp_path):
+    with pytest.raises(SystemExit, match="run the full benchmark first"):
+        run.main(
+            [
+                "--tiny",
+                "--section",
+                "top_k",
+                "--out",
+                str(tmp_path / "none.json"),
+                "--md",
+                str(tmp_path / "m"),
+            ]
+        )
+
 
 @pytest.mark.parametrize("reference", [ExpertLoopLinear, PreviousFusedLinear])
 @pytest.mark.parametrize("dropout_mode", ["per_expert", "shared"])
@@ -53,13 +80,14 @@ def test_reference_structures_compute_the_fused_layer(reference, dropout_mode):
     layer.train()(x)  # its dropout path runs
 
 
-def test_gather_top_k_reference_computes_the_library_top_k():
+@pytest.mark.parametrize("reference", [GatherTopKLinear, DenseTopKLinear])
+def test_top_k_references_compute_the_library_top_k(reference):
     layer = LoRAMoELinear(nn.Linear(16, 24), num_experts=4, rank=2, alpha=8.0, top_k=2)
     with torch.no_grad():
         layer.loramoe_B.normal_()
     x = torch.randn(3, 4, 16)
     library = layer.eval()(x)
-    layer.__class__ = GatherTopKLinear
+    layer.__class__ = reference
     torch.testing.assert_close(layer(x), library, **TOL)
 
 
