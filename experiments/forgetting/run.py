@@ -380,6 +380,42 @@ def run_config(
     return cfg
 
 
+def routing(out: Path, sets: dict[str, list[dict]], runs: list[str], fig_dir: Path) -> None:
+    """Routing heatmaps (``loramoe.analysis.routing_report``) of finished LoRAMoE runs over the eval prompts: where
+    the tokens of each knowledge suite and each downstream suite go. Written next to the run and into ``fig_dir``."""
+    import shutil
+
+    from loramoe.analysis import routing_report
+    from loramoe.formats import Example
+    from loramoe.train import load_trained
+
+    for name in runs:
+        run_dir = out / name
+        if not (run_dir / "eval.json").exists():
+            log.info("routing: %s not finished, skipped", name)
+            continue
+        model, tok = load_trained(run_dir)
+        tasks = {
+            task: [
+                Example(prompt=it["prompt"], answer="", task_type=1 if task in KNOWLEDGE else 0, source=task)
+                for it in items
+            ]
+            for task, items in sets.items()
+        }
+        report = routing_report(
+            model, tok, tasks, run_dir / "routing", max_examples=32, template="chat", max_length=96,
+            prefix="routing", progress=False,
+        )  # fmt: skip
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        for f in report["files"].values():
+            f = Path(f)
+            if f.suffix in (".png", ".md"):
+                shutil.copyfile(f, fig_dir / f"forgetting_{name}_{f.name}")
+        log.info("routing %s: %s", name, report["task_types"])
+        del model
+        gc.collect()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -391,6 +427,12 @@ def main() -> int:
         "--small-first", action="store_true", help="smallest sizes first, sweep last (second driver)"
     )
     ap.add_argument("--report", action="store_true", help="write docs/results.md tables + figures and exit")
+    ap.add_argument(
+        "--routing",
+        nargs="*",
+        metavar="RUN",
+        help="routing heatmaps of these finished runs (default: the LoRAMoE runs at the largest size) and exit",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     if args.report:
@@ -412,6 +454,10 @@ def main() -> int:
     if not sets_file.exists():
         _write_json(sets_file, eval_sets(SMOKE_N if args.smoke else EVAL_N))
     sets = json.loads(sets_file.read_text(encoding="utf-8"))
+    if args.routing is not None:
+        largest = [f"{m}_n{SIZES[0]}" for m in ("loramoe", "loramoe_nolbc", *SWEEP)]
+        routing(out, sets, args.routing or largest, REPO / "docs" / "figures")
+        return 0
     t_start = time.time()
 
     base_dir = out / "base"

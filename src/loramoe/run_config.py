@@ -125,6 +125,10 @@ class RunConfig:
             # Reentrant checkpointing runs the forward under no_grad, which would hide the router probabilities
             # from the LBC's gradient.
             kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        # Pinned memory only helps a copy to an accelerator (and warns on every dataloader without one).
+        import torch
+
+        kwargs.setdefault("dataloader_pin_memory", not kwargs.get("use_cpu") and torch.cuda.is_available())
         # Dense routing uses every adapter parameter each step; top-k may leave an expert without tokens.
         kwargs.setdefault(
             "ddp_find_unused_parameters", self.method == "loramoe" and self.loramoe.top_k is not None
