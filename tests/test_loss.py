@@ -218,6 +218,26 @@ def test_compute_loss_lbc_equals_reference_summed_over_layers(normalization, red
     assert set(parts.router_probs) == set(probs)
 
 
+def test_top_k_lbc_reads_the_dense_probabilities_and_trains_every_router_row():
+    # Sparse top-k computes 2 of 8 experts per token, but the balancing loss still sees all 8 probabilities,
+    # so its gradient reaches every row of every router, chosen or not.
+    from loramoe import adapted_modules
+
+    model = adapted_llama(top_k=2, lbc_delta=0.2, lbc_weight=0.3)
+    batch = make_batch()
+    with RouterRecorder(model, detach=True) as rec:
+        parts = compute_loss(model, batch)
+    probs = rec.concat()
+    assert all(p.shape == (4, 7, 8) for p in probs.values())
+    torch.testing.assert_close(next(iter(probs.values())).sum(-1), torch.ones(4, 7), **TOL)
+    expected = reference_lbc_over_layers(
+        probs, "sum", task_types=batch["task_types"].tolist(), delta=0.2, beta=0.3, normalization="cv2"
+    )
+    torch.testing.assert_close(parts.lbc, torch.tensor(expected, dtype=torch.float32), **TOL)
+    router_grads = torch.autograd.grad(parts.lbc, [m.loramoe_router for m in adapted_modules(model).values()])
+    assert all((g.abs().sum(dim=1) > 0).all() for g in router_grads)
+
+
 def test_zero_lbc_weight_gives_exactly_the_task_loss():
     model = adapted_llama(lbc_weight=0.0)
     batch = make_batch()
