@@ -15,7 +15,7 @@ Every run writes ``runs/forgetting/<run>/eval.json``; a run with that file is sk
 training output (``train_results.json``) is only evaluated, so the driver resumes after an interruption.
 
 The evaluator is deliberately lean (small fixed subsets, identical for every checkpoint) because the whole
-experiment must fit in ~2 CPU-hours; it reuses the eval splits and the ROME/LAMA distractors of
+experiment must fit in ~6 CPU-hours; it reuses the eval splits and the ROME/LAMA distractors of
 ``loramoe.tasks.utils`` so the rows it scores are the colleague's lm-eval rows (held-out BoolQ / XSum tails).
 Prompts are wrapped in the model's chat template, exactly as ``loramoe.data`` formats the SFT records, except
 the ROME/LAMA ranking probes, which score plain-text cloze continuations (format-free knowledge probes).
