@@ -380,6 +380,11 @@ def run_config(
     return cfg
 
 
+def _gold(item: dict) -> str:
+    """The reference answer of an eval item (routing is recorded over prompt + answer, as in training)."""
+    return item["choices"][item["gold"]] if "choices" in item else str(item["golds"][0])
+
+
 def routing(out: Path, sets: dict[str, list[dict]], runs: list[str], fig_dir: Path) -> None:
     """Routing heatmaps (``loramoe.analysis.routing_report``) of finished LoRAMoE runs over the eval prompts: where
     the tokens of each knowledge suite and each downstream suite go. Written next to the run and into ``fig_dir``."""
@@ -397,7 +402,12 @@ def routing(out: Path, sets: dict[str, list[dict]], runs: list[str], fig_dir: Pa
         model, tok = load_trained(run_dir)
         tasks = {
             task: [
-                Example(prompt=it["prompt"], answer="", task_type=1 if task in KNOWLEDGE else 0, source=task)
+                Example(
+                    prompt=it["prompt"],
+                    answer=_gold(it),
+                    task_type=1 if task in KNOWLEDGE else 0,
+                    source=task,
+                )
                 for it in items
             ]
             for task, items in sets.items()
