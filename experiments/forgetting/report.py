@@ -107,7 +107,7 @@ def tables(base: dict, runs: list[dict]) -> str:
         "eval_seconds", 0
     )
     lines += ["", f"Compute: {len(runs)} fine-tuned runs + base; sum of per-run train + eval times {total / 60:.0f} min "
-              "(up to 3 driver processes ran in parallel), "
+              "(two driver processes in parallel; see Compute below), "
               f"torch threads = {base.get('threads')}."]  # fmt: skip
     return "\n".join(lines)
 
