@@ -154,13 +154,6 @@ def main(argv: list[str] | None = None) -> dict:
         help="re-measure only this section into the existing --out results (dated in the report) and re-render",
     )
     args = parser.parse_args(argv)
-    if args.section:
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
-        try:
-            return _remeasure(args, argv)
-        finally:
-            torch.set_num_threads(threads_before)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         results["targets"] = report.targets(results)
@@ -169,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, argv)
+        return _remeasure(args, argv) if args.section else _run(args, argv)
     finally:
         torch.set_num_threads(threads_before)
 
