@@ -108,7 +108,7 @@ class DemoConfig:
         seed: seeds data generation, adapter initialisation and training.
         steps: optimizer steps per method (default 48, quick 16).
         learning_rate: the same for both methods (aggressive on purpose, so forgetting shows).
-        batch_size: training batch size (8).
+        batch_size: training batch size.
         train_per_task: generated training items per downstream task (default 160, quick 48).
         test_per_task: test items per downstream task (default 30, quick 12).
         heldout_facts: held-out facts evaluated (default all, quick 24).
@@ -124,7 +124,7 @@ class DemoConfig:
     seed: int = 0
     steps: int | None = None
     learning_rate: float = 1e-3
-    batch_size: int | None = None
+    batch_size: int = 8
     train_per_task: int | None = None
     test_per_task: int | None = None
     heldout_facts: int | None = None
@@ -134,9 +134,8 @@ class DemoConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        defaults = (16, 8, 48, 12, 24) if self.quick else (48, 8, 160, 30, None)
-        names = ("steps", "batch_size", "train_per_task", "test_per_task", "heldout_facts")
-        for name, default in zip(names, defaults):
+        defaults = (16, 48, 12, 24) if self.quick else (48, 160, 30, None)
+        for name, default in zip(("steps", "train_per_task", "test_per_task", "heldout_facts"), defaults):
             value = getattr(self, name)
             if value is None:
                 setattr(self, name, default)
@@ -146,6 +145,8 @@ class DemoConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be an int >= 1 or None, got {self.threads!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
 
 def _alias_contained(prediction: str, golds: list[str]) -> float:

@@ -142,9 +142,8 @@ class LoRAMoELinear(nn.Module):
 
     def _top_k_experts(self, x_MD: torch.Tensor, result: torch.Tensor, dropout: float) -> torch.Tensor:
         """Sparse top-k: each token through its k chosen experts only (S = M * k rows, grouped by expert)."""
-        n, r, d = self.loramoe_A.shape
-        k = self.top_k
-        probs = torch.softmax(F.linear(x_MD, self.loramoe_router).float(), dim=-1)  # (M, N) float32
+        n, k = self.num_experts, self.top_k
+        probs = self.router_probs(x_MD)  # (M, N) float32
         for hook in self._router_hooks.values():
             hook(self, probs.view(*result.shape[:-1], n))
         top_w_Mk, top_i_Mk = probs.topk(k, dim=-1)
@@ -159,13 +158,8 @@ class LoRAMoELinear(nn.Module):
         if dropout > 0 and self.dropout_mode == "per_expert":  # each row is one (token, expert) pair
             x_SD = F.dropout(x_SD, dropout)
         scale_S1 = (top_w_Mk.reshape(-1).index_select(0, order_S).to(x_SD.dtype) * self.scaling).unsqueeze(-1)
-        h_SR = (
-            torch.cat([x_e @ self.loramoe_A[e].t() for e, x_e in enumerate(x_SD.split(counts)) if counts[e]])
-            * scale_S1
-        )
-        y_SO = torch.cat(
-            [h_e @ self.loramoe_B[e].t() for e, h_e in enumerate(h_SR.split(counts)) if counts[e]]
-        )
+        h_SR = torch.cat([x_e @ A.t() for x_e, A in zip(x_SD.split(counts), self.loramoe_A)]) * scale_S1
+        y_SO = torch.cat([h_e @ B.t() for h_e, B in zip(h_SR.split(counts), self.loramoe_B)])
         out_MO = result.reshape(-1, self.out_features)
         if out_MO.dtype == y_SO.dtype:
             return out_MO.index_add(0, token_S, y_SO).view(result.shape)
