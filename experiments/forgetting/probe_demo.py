@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import OUT, _write_json, evaluate  # noqa: E402
+from evaluator import evaluate  # noqa: E402
+from run import OUT, _write_json  # noqa: E402
 
 
 def main() -> int:

@@ -36,6 +36,10 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evaluator import DOWNSTREAM, evaluate  # noqa: E402  (experiments/forgetting/evaluator.py)
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -62,12 +66,9 @@ SWEEP = {  # at the largest size only
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 
 KNOWLEDGE = ["trec", "efficientqa", "rome", "lama"]
-DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
 EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100,
           "sst2": 60, "rte": 40, "boolq": 40, "agnews": 40, "xsum": 6}  # fmt: skip
 SMOKE_N = dict.fromkeys(EVAL_N, 3)
-MAX_NEW_TOKENS = 16
-XSUM_NEW_TOKENS = 32
 PASSAGE_CHARS = 300  # BoolQ passages, AG News and XSum articles cut to this (train and eval alike)
 
 
@@ -235,102 +236,6 @@ def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
             items.append(item)
         sets[task] = items
     return sets
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Lean evaluator
-
-
-def _chat_ids(tok, prompt: str) -> list[int]:
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _choice_scores(model, tok, items: list[dict], chat: bool, batch: int = 16) -> list[int]:
-    """Index of the highest summed log-likelihood choice per item (lm-eval's ``acc``).
-
-    Single-token choices share one forward pass per item (their log-prob is read at the last context position);
-    each multi-token choice gets its own sequence.
-    """
-    import torch
-
-    seqs = []  # (item, ids, n_ctx)
-    need = []  # per item: list of (choice, seq index, n continuation tokens)
-    for i, it in enumerate(items):
-        ctx = (
-            _chat_ids(tok, it["prompt"]) if chat else tok(it["prompt"], add_special_tokens=False)["input_ids"]
-        )
-        conts = [tok(c if chat else " " + c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
-        multi = [j for j, c in enumerate(conts) if len(c) > 1]
-        first = len(seqs)
-        for j in multi or [0]:
-            seqs.append((i, ctx + conts[j], len(ctx)))
-        need.append([(j, first + (multi.index(j) if j in multi else 0), c) for j, c in enumerate(conts)])
-    logps: list[Any] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k][1]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with torch.no_grad():
-        for s in range(0, len(order), batch):
-            chunk = order[s : s + batch]
-            width = max(len(seqs[k][1]) for k in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, k in enumerate(chunk):
-                ids[r, : len(seqs[k][1])] = torch.tensor(seqs[k][1])
-                mask[r, : len(seqs[k][1])] = 1
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-            for r, k in enumerate(chunk):
-                logps[k] = logp[r, : len(seqs[k][1])]
-    preds = []
-    for choices in need:
-        scores = []
-        for _j, k, cont in choices:
-            n_ctx = seqs[k][2]
-            lp = logps[k][n_ctx - 1 : n_ctx - 1 + len(cont)]
-            scores.append(lp.gather(1, torch.tensor(cont)[:, None]).sum().item())
-        preds.append(max(range(len(scores)), key=scores.__getitem__))
-    return preds
-
-
-def evaluate(model, tok, sets: dict[str, list[dict]]) -> dict[str, Any]:
-    from rouge_score import rouge_scorer
-
-    from loramoe.generate import generate
-    from loramoe.metrics import alias_contained, regex_match
-
-    model.eval()
-    out: dict[str, Any] = {"scores": {}, "seconds": {}, "samples": {}}
-    for task, items in sets.items():
-        t0 = time.time()
-        if task in ("trec", "efficientqa", "xsum"):
-            new = XSUM_NEW_TOKENS if task == "xsum" else MAX_NEW_TOKENS
-            preds = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=new, batch_size=16,
-                             chat_template=True, progress=False)  # fmt: skip
-            if task == "trec":
-                vals = [regex_match(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
-            elif task == "efficientqa":
-                vals = [alias_contained(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
-            else:
-                sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-                vals = [
-                    sc.score(it["golds"][0], p)["rougeL"].fmeasure for p, it in zip(preds, items, strict=True)
-                ]
-            out["samples"][task] = [
-                [it["prompt"][-80:], p] for it, p in zip(items[:3], preds[:3], strict=False)
-            ]
-        else:
-            pred = _choice_scores(model, tok, items, chat=task not in ("rome", "lama"))
-            vals = [float(p == it["gold"]) for p, it in zip(pred, items, strict=True)]
-            if task in DOWNSTREAM:
-                out.setdefault("pred_dist", {})[task] = [
-                    pred.count(k) for k in range(len(items[0]["choices"]))
-                ]
-        out["scores"][task] = sum(vals) / len(vals)
-        out["seconds"][task] = round(time.time() - t0, 1)
-        log.info("  %-12s %.3f  (%.0fs)", task, out["scores"][task], out["seconds"][task])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
