@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+KNOWLEDGE = ["trec", "efficientqa", "rome", "lama", "facts"]  # suites NOT in the SFT mixture
 DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
 MAX_NEW_TOKENS = 16
 XSUM_NEW_TOKENS = 32
@@ -80,13 +81,13 @@ def evaluate(model, tok, sets: dict[str, list[dict]]) -> dict[str, Any]:
     out: dict[str, Any] = {"scores": {}, "seconds": {}, "samples": {}}
     for task, items in sets.items():
         t0 = time.time()
-        if task in ("trec", "efficientqa", "xsum"):
+        if task in ("trec", "efficientqa", "facts", "xsum"):
             new = XSUM_NEW_TOKENS if task == "xsum" else MAX_NEW_TOKENS
             preds = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=new, batch_size=16,
                              chat_template=True, progress=False)  # fmt: skip
             if task == "trec":
                 vals = [regex_match(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
-            elif task == "efficientqa":
+            elif task in ("efficientqa", "facts"):
                 vals = [alias_contained(p, it["golds"]) for p, it in zip(preds, items, strict=True)]
             else:
                 sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

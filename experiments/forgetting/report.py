@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evaluator import DOWNSTREAM, KNOWLEDGE  # experiments/forgetting/evaluator.py
+
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "results.md"
 FIG = REPO / "docs" / "figures"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
-KNOWLEDGE = ["trec", "efficientqa", "rome", "lama"]
-DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
 ORDER = ["full", "lora", "loramoe_nolbc", "loramoe", "loramoe_d0.3_w0.1", "loramoe_d0.1_w1.0"]
 LABEL = {
     "full": "full FT (lr 1e-4)",
@@ -43,6 +43,10 @@ def load(out: Path) -> tuple[dict, list[dict]]:
     return base, runs
 
 
+def _seed(run: dict) -> int:
+    return run.get("seed", 42)
+
+
 def _ratio(x: float, b: float) -> str:
     return f"{x / b:.2f}" if b > 0 else "n/a"
 
@@ -53,9 +57,9 @@ def tables(base: dict, runs: list[dict]) -> str:
         "Knowledge (suites NOT in the SFT mixture): score, and in brackets the retention ratio = score / base score. "
         "`K-ret` = mean knowledge score / base mean knowledge score.",
         "",
-        "| method | SFT n | steps | " + " | ".join(KNOWLEDGE) + " | K-mean | K-ret |",
-        "|---|---:|---:|" + "---:|" * (len(KNOWLEDGE) + 2),
-        "| base | 0 | 0 | "
+        "| method | SFT n | seed | steps | " + " | ".join(KNOWLEDGE) + " | K-mean | K-ret |",
+        "|---|---:|---:|---:|" + "---:|" * (len(KNOWLEDGE) + 2),
+        "| base | 0 | - | 0 | "
         + " | ".join(f"{b[t]:.3f}" for t in KNOWLEDGE)
         + f" | {knowledge_mean(b):.3f} | 1.00 |",
     ]
@@ -63,23 +67,23 @@ def tables(base: dict, runs: list[dict]) -> str:
         s = r["scores"]
         cells = " | ".join(f"{s[t]:.3f} ({_ratio(s[t], b[t])})" for t in KNOWLEDGE)
         lines.append(
-            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {r['steps']} | {cells} | "
+            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {r.get('seed', 42)} | {r['steps']} | {cells} | "
             f"{knowledge_mean(s):.3f} | {_ratio(knowledge_mean(s), knowledge_mean(b))} |"
         )
     lines += [
         "",
         "Downstream (held-out eval rows; accuracy, XSum ROUGE-L F1). `D-mean` = mean of the five.",
         "",
-        "| method | SFT n | " + " | ".join(DOWNSTREAM) + " | D-mean | train s | eval s |",
-        "|---|---:|" + "---:|" * (len(DOWNSTREAM) + 3),
-        "| base | 0 | "
+        "| method | SFT n | seed | " + " | ".join(DOWNSTREAM) + " | D-mean | train s | eval s |",
+        "|---|---:|---:|" + "---:|" * (len(DOWNSTREAM) + 3),
+        "| base | 0 | - | "
         + " | ".join(f"{b[t]:.3f}" for t in DOWNSTREAM)
         + f" | {downstream_mean(b):.3f} | - | {base.get('eval_seconds', 0):.0f} |",
     ]
     for r in runs:
         s = r["scores"]
         lines.append(
-            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | "
+            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {r.get('seed', 42)} | "
             + " | ".join(f"{s[t]:.3f}" for t in DOWNSTREAM)
             + f" | {downstream_mean(s):.3f} | {r.get('train_seconds') or 0:.0f} | {r.get('eval_seconds', 0):.0f} |"
         )
@@ -125,12 +129,17 @@ def figures(base: dict, runs: list[dict]) -> list[Path]:
     paths = []
 
     def panel(ax, key, fn, title, ratio):
-        for m in main:
-            pts = sorted((r["size"], fn(r["scores"])) for r in runs if r["method"] == m)
-            if ratio:
-                base_v = fn(b)
-                pts = [(n, v / base_v if base_v > 0 else float("nan")) for n, v in pts]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=LABEL[m])
+        def scale(v: float) -> float:
+            return (v / fn(b) if fn(b) > 0 else float("nan")) if ratio else v
+
+        for m in main:  # the seed-42 runs as a line, replicates as crosses in the same colour
+            pts = sorted(
+                (r["size"], scale(fn(r["scores"]))) for r in runs if r["method"] == m and _seed(r) == 42
+            )
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=LABEL[m])
+            reps = [(r["size"], scale(fn(r["scores"]))) for r in runs if r["method"] == m and _seed(r) != 42]
+            if reps:
+                ax.plot([p[0] for p in reps], [p[1] for p in reps], "x", ms=8, color=line.get_color())
         for m in methods:
             if m in main:
                 continue
@@ -153,7 +162,7 @@ def figures(base: dict, runs: list[dict]) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("SFT samples")
 
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
+    fig, axes = plt.subplots(1, 1 + len(KNOWLEDGE), figsize=(4.4 * (1 + len(KNOWLEDGE)), 4.2))
     panel(axes[0], "mean", knowledge_mean, "knowledge retention (mean score / base)", True)
     for ax, t in zip(axes[1:], KNOWLEDGE, strict=True):
         panel(ax, t, lambda s, t=t: s[t], f"{t}: retention", True)

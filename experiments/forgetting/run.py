@@ -38,7 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluator import DOWNSTREAM, evaluate  # noqa: E402  (experiments/forgetting/evaluator.py)
+from evaluator import DOWNSTREAM, KNOWLEDGE, evaluate  # noqa: E402  (experiments/forgetting/evaluator.py)
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -64,9 +64,12 @@ SWEEP = {  # at the largest size only
     "loramoe_d0.1_w1.0": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0}}),
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
+SEEDS = {
+    "_s2": 43
+}  # replicates (run-name suffix: seed) of the key methods at the largest size; the plan is seed 42
+REPLICATED = ["lora", "loramoe"]
 
-KNOWLEDGE = ["trec", "efficientqa", "rome", "lama"]
-EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100,
+EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100, "facts": 108,
           "sst2": 60, "rte": 40, "boolq": 40, "agnews": 40, "xsum": 6}  # fmt: skip
 SMOKE_N = dict.fromkeys(EVAL_N, 3)
 PASSAGE_CHARS = 300  # BoolQ passages, AG News and XSum articles cut to this (train and eval alike)
@@ -78,7 +81,13 @@ def plan(smoke: bool) -> list[tuple[str, str, dict, int]]:
         return [(f"{m}_n8", *METHODS[m], 8) for m in ("loramoe", "lora", "full")]
     runs = [(f"{m}_n{n}", *METHODS[m], n) for n in SIZES for m in METHODS]
     runs += [(f"{m}_n{SIZES[0]}", *spec, SIZES[0]) for m, spec in SWEEP.items()]
+    runs += [(f"{m}_n{SIZES[0]}{sfx}", *METHODS[m], SIZES[0]) for sfx in SEEDS for m in REPLICATED]
     return runs
+
+
+def seed_of(name: str) -> int:
+    """The seed of a run (data order and sample draw, adapter init, dropout): 42 unless a replicate's suffix says."""
+    return next((seed for sfx, seed in SEEDS.items() if name.endswith(sfx)), 42)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +214,7 @@ def sft_sources(files: dict[str, Path]) -> list[dict]:
 
 def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
     """Fixed, seeded eval subsets (identical for every checkpoint)."""
+    from loramoe.demo import demo_facts
     from loramoe.tasks.utils import load_lama, load_rome
 
     sets: dict[str, list[dict]] = {}
@@ -214,6 +224,11 @@ def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
     sets["trec"] = [{"prompt": r["question"], "golds": [r["pattern"]]} for r in trec[: n["trec"]]]
     eqa = _jsonl(DATA / "nq_open" / "NQ-open.efficientqa.dev.1.1.jsonl")
     sets["efficientqa"] = [{"prompt": r["question"], "golds": r["answer"]} for r in eqa[: n["efficientqa"]]]
+    # the project's own world facts (the demo's, SFT and held-out alike: none is in this mixture), which the base
+    # model mostly knows; they show whether SFT breaks answering simple facts in chat
+    facts = demo_facts()
+    facts = (facts["sft"] + facts["heldout"])[: n["facts"]]
+    sets["facts"] = [{"prompt": f["question"], "golds": f["answers"]} for f in facts]
     rome = list(load_rome(str(DATA))["test"])
     rome = random.Random("forgetting:rome").sample(rome, n["rome"])
     lama = list(load_lama(str(DATA / "lama_trex_pararel"))["test"])[: n["lama"]]
@@ -240,6 +255,49 @@ def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
+
+
+def load_eval_sets(out: Path, n: dict[str, int]) -> dict[str, list[dict]]:
+    """The fixed eval sets of ``out`` (``eval_sets.json``); suites added to ``n`` since it was written are appended,
+    the existing ones are never re-drawn."""
+    path = out / "eval_sets.json"
+    sets = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if missing := [t for t in n if t not in sets]:
+        new = eval_sets(n)
+        sets.update({t: new[t] for t in missing})
+        _write_json(path, sets)
+    return sets
+
+
+def _weights_dir(run_dir: Path) -> Path:
+    """Where a finished run's weights are: the run directory, or (full fine-tuning, whose top-level weights the
+    driver deletes after evaluation) its final checkpoint."""
+    from loramoe.checkpoints import latest_good_checkpoint
+
+    if any(run_dir.glob("*.safetensors")):
+        return run_dir
+    last = latest_good_checkpoint(run_dir, quiet=True)
+    if last is None:
+        raise SystemExit(f"{run_dir}: no weights left to evaluate (no *.safetensors, no complete checkpoint)")
+    return Path(last)
+
+
+def top_up(run_dir: Path, sets: dict[str, list[dict]], load) -> bool:
+    """Evaluate a finished run on the suites its ``eval.json`` lacks (added to the plan later) and merge them in."""
+    res = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    missing = {t: items for t, items in sets.items() if t not in res["scores"]}
+    if not missing:
+        return False
+    log.info("eval %s on the suites added later: %s", run_dir.name, ", ".join(missing))
+    model, tok = load()
+    extra = evaluate(model, tok, missing)
+    for key, values in extra.items():
+        res.setdefault(key, {}).update(values)
+    res["added_later"] = sorted({*res.get("added_later", []), *missing})
+    _write_json(run_dir / "eval.json", res)
+    del model
+    gc.collect()
+    return True
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -279,6 +337,7 @@ def run_config(
     cfg["data"]["sources"] = sft_sources(files)
     cfg["data"]["total_samples"] = size
     family = "full" if method == "full" else method
+    cfg["data"]["seed"] = cfg["training"]["seed"] = seed_of(name)
     cfg["training"] = {**cfg["training"], "output_dir": str(out / name), "learning_rate": LR[family]}
     if smoke:
         cfg["training"]["logging_steps"] = 1
@@ -365,10 +424,7 @@ def main() -> int:
     out = OUT.with_name("forgetting_smoke") if args.smoke else OUT
     out.mkdir(parents=True, exist_ok=True)
     files = prepare_sft_data(out / "data")
-    sets_file = out / "eval_sets.json"
-    if not sets_file.exists():
-        _write_json(sets_file, eval_sets(SMOKE_N if args.smoke else EVAL_N))
-    sets = json.loads(sets_file.read_text(encoding="utf-8"))
+    sets = load_eval_sets(out, SMOKE_N if args.smoke else EVAL_N)
     if args.routing is not None:
         largest = [f"{m}_n{SIZES[0]}" for m in ("loramoe", "loramoe_nolbc", *SWEEP)]
         routing(out, sets, args.routing or largest, REPO / "docs" / "figures")
@@ -377,7 +433,10 @@ def main() -> int:
 
     base_dir = out / "base"
     base_dir.mkdir(exist_ok=True)
-    if not (base_dir / "eval.json").exists() and _claim(base_dir):
+    if (base_dir / "eval.json").exists():
+        if _claim(base_dir):
+            top_up(base_dir, sets, lambda: load_base("smollm2-135m-instruct"))
+    elif _claim(base_dir):
         log.info("eval base")
         t0 = time.time()
         model, tok = load_base("smollm2-135m-instruct")
@@ -396,11 +455,12 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         run_dir = out / name
-        if (run_dir / "eval.json").exists():
-            log.info("skip %s (done)", name)
-            continue
         if not _claim(run_dir):
             log.info("skip %s (another driver has it)", name)
+            continue
+        if (run_dir / "eval.json").exists():
+            if not top_up(run_dir, sets, lambda d=run_dir: load_trained(_weights_dir(d))):
+                log.info("skip %s (done)", name)
             continue
         cfg = run_config(name, method, overrides, size, files, out, args.smoke)
         train_seconds = None
@@ -422,6 +482,7 @@ def main() -> int:
         res.update(
             run=name,
             method=name.rsplit("_n", 1)[0],
+            seed=seed_of(name),
             base_method=method,
             size=size,
             lbc=cfg.get("loramoe", {}),
