@@ -67,7 +67,7 @@ LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 SEEDS = {
     "_s2": 43
 }  # replicates (run-name suffix: seed) of the key methods at the largest size; the plan is seed 42
-REPLICATED = ["lora", "loramoe"]
+REPLICATED = ["lora", "loramoe", "full", "loramoe_nolbc"]
 
 EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100, "facts": 108,
           "sst2": 60, "rte": 40, "boolq": 40, "agnews": 40, "xsum": 6}  # fmt: skip
