@@ -64,9 +64,8 @@ SWEEP = {  # at the largest size only
     "loramoe_d0.1_w1.0": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0}}),
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
-SEEDS = {
-    "_s2": 43
-}  # replicates (run-name suffix: seed) of the key methods at the largest size; the plan is seed 42
+# replicates at the largest size: run-name suffix -> seed (the plan's runs use seed 42), and the methods replicated
+SEEDS = {"_s2": 43}
 REPLICATED = ["lora", "loramoe", "full", "loramoe_nolbc"]
 
 EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100, "facts": 108,
