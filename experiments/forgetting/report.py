@@ -17,7 +17,15 @@ DOC = REPO / "docs" / "results.md"
 FIG = REPO / "docs" / "figures"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 
-ORDER = ["full", "lora", "loramoe_nolbc", "loramoe", "loramoe_d0.3_w0.1", "loramoe_d0.1_w1.0"]
+ORDER = [
+    "full",
+    "lora",
+    "loramoe_nolbc",
+    "loramoe",
+    "loramoe_d0.3_w0.1",
+    "loramoe_d0.1_w1.0",
+    "loramoe_d0.1_w1.0_np",
+]
 LABEL = {
     "full": "full FT (lr 1e-4)",
     "lora": "LoRA (PEFT, lr 1e-3)",
@@ -25,6 +33,7 @@ LABEL = {
     "loramoe": "LoRAMoE d=0.1 w=0.1 (lr 1e-3)",
     "loramoe_d0.3_w0.1": "LoRAMoE d=0.3 w=0.1",
     "loramoe_d0.1_w1.0": "LoRAMoE d=0.1 w=1.0",
+    "loramoe_d0.1_w1.0_np": "LoRAMoE d=0.1 w=1.0, LBC on non-padding",
 }
 
 

@@ -62,11 +62,16 @@ METHODS = {
 SWEEP = {  # at the largest size only
     "loramoe_d0.3_w0.1": ("loramoe", {"loramoe": {"lbc_delta": 0.3, "lbc_weight": 0.1}}),
     "loramoe_d0.1_w1.0": ("loramoe", {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0}}),
+    # the same, with only non-padding positions in the LBC's importance (the reference counts padding too)
+    "loramoe_d0.1_w1.0_np": (
+        "loramoe",
+        {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0, "lbc_positions": "non_padding"}},
+    ),
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 # replicates at the largest size: run-name suffix -> seed (the plan's runs use seed 42), and the methods replicated
 SEEDS = {"_s2": 43}
-REPLICATED = ["lora", "loramoe", "full", "loramoe_nolbc"]
+REPLICATED = ["lora", "loramoe", "loramoe_nolbc", "full"]
 
 EVAL_N = {"trec": 100, "efficientqa": 30, "rome": 100, "lama": 100, "facts": 108,
           "sst2": 60, "rte": 40, "boolq": 40, "agnews": 40, "xsum": 6}  # fmt: skip
