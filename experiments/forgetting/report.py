@@ -34,6 +34,7 @@ LABEL = {
     "loramoe_d0.3_w0.1": "LoRAMoE d=0.3 w=0.1",
     "loramoe_d0.1_w1.0": "LoRAMoE d=0.1 w=1.0",
     "loramoe_d0.1_w1.0_np": "LoRAMoE d=0.1 w=1.0, LBC on non-padding",
+    "loramoe_d0.3_w1.0_np": "LoRAMoE d=0.3 w=1.0, LBC on non-padding",
 }
 
 

@@ -67,6 +67,11 @@ SWEEP = {  # at the largest size only
         "loramoe",
         {"loramoe": {"lbc_delta": 0.1, "lbc_weight": 1.0, "lbc_positions": "non_padding"}},
     ),
+    # added after the one above localized: does a stronger localization (targets 0.65 / 0.35) keep the facts?
+    "loramoe_d0.3_w1.0_np": (
+        "loramoe",
+        {"loramoe": {"lbc_delta": 0.3, "lbc_weight": 1.0, "lbc_positions": "non_padding"}},
+    ),
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 # replicates at the largest size: run-name suffix -> seed (the plan's runs use seed 42), and the methods replicated
