@@ -175,7 +175,10 @@ def figures(base: dict, runs: list[dict]) -> list[Path]:
     fig, axes = plt.subplots(1, 1 + len(KNOWLEDGE), figsize=(4.4 * (1 + len(KNOWLEDGE)), 4.2))
     panel(axes[0], "mean", knowledge_mean, "knowledge retention (mean score / base)", True)
     for ax, t in zip(axes[1:], KNOWLEDGE, strict=True):
-        panel(ax, t, lambda s, t=t: s[t], f"{t}: retention", True)
+        if b[t] > 0:
+            panel(ax, t, lambda s, t=t: s[t], f"{t}: retention", True)
+        else:  # a ratio to 0 is undefined: the scores themselves
+            panel(ax, t, lambda s, t=t: s[t], f"{t}: score (base 0)", False)
     axes[0].set_ylabel("score / base score")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
