@@ -69,7 +69,9 @@ class LoRAMoEConfig:
         lbc_normalization: ``"cv2"`` = Var / Mean^2 (reference) or ``"var_over_mean"`` = Var / Mean (paper text).
         lbc_reduction: ``"sum"`` over adapted linears (reference) or ``"mean"``.
         lbc_positions: ``"all"`` positions count in the importance (reference, padding included) or ``"non_padding"``
-            (then each sample's importance is divided by its length).
+            (then each sample's importance is divided by its length). Prefer ``"non_padding"`` when batches mix
+            short and long samples: with padding counted the LBC mostly balances padding positions (measured in
+            docs/results.md: the router did not localize; with ``"non_padding"`` it reached its targets).
         task_names: names of the task types, index = the integer type. Binary mode (the reference) is
             ``("downstream", "knowledge")``: 0 = every other task, 1 = world-knowledge (closed-book QA).
         expert_groups: sizes of the contiguous expert groups, one per task type, summing to ``num_experts``;
