@@ -25,6 +25,7 @@ ORDER = [
     "loramoe_d0.3_w0.1",
     "loramoe_d0.1_w1.0",
     "loramoe_d0.1_w1.0_np",
+    "loramoe_d0.3_w1.0_np",
 ]
 LABEL = {
     "full": "full FT (lr 1e-4)",
