@@ -78,7 +78,7 @@ def tables(base: dict, runs: list[dict]) -> str:
         s = r["scores"]
         cells = " | ".join(f"{s[t]:.3f} ({_ratio(s[t], b[t])})" for t in KNOWLEDGE)
         lines.append(
-            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {r.get('seed', 42)} | {r['steps']} | {cells} | "
+            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {_seed(r)} | {r['steps']} | {cells} | "
             f"{knowledge_mean(s):.3f} | {_ratio(knowledge_mean(s), knowledge_mean(b))} |"
         )
     lines += [
@@ -94,7 +94,7 @@ def tables(base: dict, runs: list[dict]) -> str:
     for r in runs:
         s = r["scores"]
         lines.append(
-            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {r.get('seed', 42)} | "
+            f"| {LABEL.get(r['method'], r['method'])} | {r['size']} | {_seed(r)} | "
             + " | ".join(f"{s[t]:.3f}" for t in DOWNSTREAM)
             + f" | {downstream_mean(s):.3f} | {r.get('train_seconds') or 0:.0f} | {r.get('eval_seconds', 0):.0f} |"
         )
