@@ -15,7 +15,9 @@ def test_defaults_are_the_reference_hyperparameters():
     cfg = LoRAMoEConfig()
     assert (cfg.num_experts, cfg.rank, cfg.alpha, cfg.dropout) == (8, 4, 32.0, 0.05)
     assert cfg.dropout_mode == "per_expert"
-    assert (cfg.lbc_normalization, cfg.lbc_reduction, cfg.lbc_positions) == ("cv2", "sum", "all")
+    assert (cfg.lbc_normalization, cfg.lbc_reduction) == ("cv2", "sum")
+    # the one default that is not the reference's: the LBC counts real tokens, not padding
+    assert cfg.lbc_positions == "non_padding"
     assert cfg.top_k is None
     assert cfg.scaling == 8.0
 

@@ -129,8 +129,11 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
         raise AdapterError(
             f"{path} field 'base_model': must be an object; the file was edited, save the adapter again"
         )
+    saved = dict(meta["config"])
+    # written before the field existed: the adapter was trained with every position counted
+    saved.setdefault("lbc_positions", "all")
     try:
-        cfg = LoRAMoEConfig.from_dict(meta["config"])
+        cfg = LoRAMoEConfig.from_dict(saved)
     except (
         ConfigError,
         TypeError,

@@ -4,7 +4,10 @@ Design decisions:
 - One frozen dataclass, validated in ``__post_init__``; every error says which field and what to do.
 - It round-trips through JSON (``to_dict`` / ``from_dict``) and is saved next to the adapter weights.
 - The reference LoRAMoE code is the default wherever it and the paper differ (METHOD.md, "Parity"); each
-  difference is an explicit option here.
+  difference is an explicit option here. One exception: the LBC counts only real tokens by default
+  (``lbc_positions="non_padding"``). The reference trained one sample per device, where no padding exists; in
+  batches that mix lengths its all-positions importance mostly balances padding and the router does not localize
+  (docs/results.md). ``"all"`` keeps the reference's numerics bit for bit.
 - ``FFN_TARGETS`` is the explicit map from ``model_type`` to the feed-forward linears LoRAMoE adapts.
 """
 
@@ -68,10 +71,11 @@ class LoRAMoEConfig:
         lbc_weight: beta, the LBC's weight; 0 trains "LoRAMoE without LBC".
         lbc_normalization: ``"cv2"`` = Var / Mean^2 (reference) or ``"var_over_mean"`` = Var / Mean (paper text).
         lbc_reduction: ``"sum"`` over adapted linears (reference) or ``"mean"``.
-        lbc_positions: ``"all"`` positions count in the importance (reference, padding included) or ``"non_padding"``
-            (then each sample's importance is divided by its length). Prefer ``"non_padding"`` when batches mix
-            short and long samples: with padding counted the LBC mostly balances padding positions (measured in
-            docs/results.md: the router did not localize; with ``"non_padding"`` it reached its targets).
+        lbc_positions: ``"non_padding"`` (default): only real tokens count in a sample's importance, which is
+            divided by its length; ``"all"``: every position counts, padding included (the reference's numerics,
+            exact when there is no padding). With padding counted the LBC mostly balances padding positions when
+            batches mix short and long samples (docs/results.md: the router did not localize; with
+            ``"non_padding"`` it reached its targets). Adapters saved without this field load as ``"all"``.
         task_names: names of the task types, index = the integer type. Binary mode (the reference) is
             ``("downstream", "knowledge")``: 0 = every other task, 1 = world-knowledge (closed-book QA).
         expert_groups: sizes of the contiguous expert groups, one per task type, summing to ``num_experts``;
@@ -89,7 +93,7 @@ class LoRAMoEConfig:
     lbc_weight: float = 0.1
     lbc_normalization: str = "cv2"
     lbc_reduction: str = "sum"
-    lbc_positions: str = "all"
+    lbc_positions: str = "non_padding"
     task_names: tuple[str, ...] = BINARY_TASK_NAMES
     expert_groups: tuple[int, ...] | None = None
 
