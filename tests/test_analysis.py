@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from loramoe.analysis import expert_usage, layer_index, parse_data_arg, routing_report, summarize
+from loramoe.analysis.report import expert_usage, layer_index, routing_report, summarize
 from loramoe.cli import main
+from loramoe.cli.routing import parse_data_arg
 from loramoe.config import LoRAMoEConfig
-from loramoe.data import ExampleEncoder
+from loramoe.data.dataset import ExampleEncoder
+from loramoe.data.formats import Example
 from loramoe.errors import ConfigError
-from loramoe.formats import Example
 from loramoe.inject import adapted_modules, inject
 from loramoe.routing import RouterRecorder
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import loramoe.train
-from loramoe.cli import apply_overrides, load_yaml, main
+import loramoe.training.run_config
+import loramoe.training.train
+from loramoe.cli import main
+from loramoe.cli.overrides import apply_overrides
 from loramoe.errors import ConfigError, DataError
+from loramoe.files import load_yaml
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -111,14 +114,14 @@ def test_load_yaml_reads_exponents_as_floats_and_names_the_line_of_a_syntax_erro
 def test_unquoted_no_for_a_save_strategy_means_no(base, tmp_path):
     config = write_config(tmp_path, base)
     raw = apply_overrides(load_yaml(config), ["training.save_strategy=no"])
-    assert loramoe.train.RunConfig.from_dict(raw).training_arguments().save_strategy == "no"
+    assert loramoe.training.run_config.RunConfig.from_dict(raw).training_arguments().save_strategy == "no"
 
 
 def test_a_library_error_is_one_line_on_stderr_and_exit_2(base, tmp_path, capsys, monkeypatch):
     def fail(run, resume=False):
         raise DataError("bad record\nsecond line", path="x.jsonl", line=3, field="output")
 
-    monkeypatch.setattr(loramoe.train, "train", fail)
+    monkeypatch.setattr(loramoe.training.train, "train", fail)
     assert main(["train", str(write_config(tmp_path, base))]) == 2
     captured = capsys.readouterr()
     assert captured.err == "loramoe train: error: x.jsonl:3 field 'output': bad record second line\n"
@@ -129,7 +132,7 @@ def test_verbose_shows_the_traceback_instead(base, tmp_path, monkeypatch):
     def fail(run, resume=False):
         raise DataError("bad record")
 
-    monkeypatch.setattr(loramoe.train, "train", fail)
+    monkeypatch.setattr(loramoe.training.train, "train", fail)
     with pytest.raises(DataError, match="bad record"):
         main(["-v", "train", str(write_config(tmp_path, base))])
 
@@ -138,7 +141,7 @@ def test_ctrl_c_exits_130_without_a_traceback(base, tmp_path, capsys, monkeypatc
     def interrupted(run, resume=False):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loramoe.train, "train", interrupted)
+    monkeypatch.setattr(loramoe.training.train, "train", interrupted)
     assert main(["train", str(write_config(tmp_path, base))]) == 130
     assert capsys.readouterr().err == "loramoe train: interrupted\n"
 
@@ -158,6 +161,6 @@ def test_resume_flag_reaches_train(base, tmp_path, monkeypatch):
         seen["resume"] = resume
         return {"train_loss": 0.0}
 
-    monkeypatch.setattr(loramoe.train, "train", fake)
+    monkeypatch.setattr(loramoe.training.train, "train", fake)
     assert main(["train", str(write_config(tmp_path, base)), "--resume"]) == 0
     assert seen == {"resume": True}

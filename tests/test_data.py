@@ -13,19 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import processors
 
-from loramoe.data import (
-    IGNORE_INDEX,
-    DataCollatorForLoRAMoE,
-    DataConfig,
-    ExampleEncoder,
-    SourceConfig,
-    build_dataset,
-    examples_from_records,
-    load_examples,
-    mix_examples,
-)
+from loramoe.data.dataset import IGNORE_INDEX, DataCollatorForLoRAMoE, ExampleEncoder, build_dataset
+from loramoe.data.formats import Example
+from loramoe.data.sources import DataConfig, SourceConfig, examples_from_records, load_examples, mix_examples
 from loramoe.errors import ConfigError, DataError
-from loramoe.formats import Example
 
 from tiny import tiny_model, tiny_tokenizer
 

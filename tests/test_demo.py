@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from loramoe.demo import (
+from loramoe.demo.run import (
     TASKS,
     DemoConfig,
     demo_facts,

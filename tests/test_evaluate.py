@@ -16,8 +16,9 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 
 from loramoe.errors import ConfigError  # noqa: E402
-from loramoe.evaluate import EvalConfig, compare, evaluate, write_results  # noqa: E402
-from loramoe.lm_eval_model import LoRAMoELM  # noqa: E402 (registers the "loramoe" model type)
+from loramoe.eval.evaluate import EvalConfig, evaluate  # noqa: E402
+from loramoe.eval.lm_eval_model import LoRAMoELM  # noqa: E402 (registers the "loramoe" model type)
+from loramoe.eval.report import compare, write_results  # noqa: E402
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -82,7 +83,7 @@ def task_manager(tmp_path_factory: pytest.TempPathFactory):
         (root / f"{name}.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     (root / "tiny_gen.yaml").write_text(GEN_YAML.format(data=root / "qa.jsonl", tokens=GEN_TOKENS))
     (root / "tiny_mc.yaml").write_text(MC_YAML.format(data=root / "mc.jsonl"))
-    (root / "utils.py").write_text("from loramoe.tasks.utils import *  # noqa: F403\n")
+    (root / "utils.py").write_text("from loramoe.eval.tasks.utils import *  # noqa: F403\n")
     return TaskManager(include_path=str(root), include_defaults=False)
 
 
@@ -137,7 +138,7 @@ def test_loglikelihood_task_matches_a_direct_computation(tiny_dir: Path, base_ru
 def test_generation_task_matches_greedy_decoding(tiny_dir: Path, base_run: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramoe.tasks.utils import results_qa
+    from loramoe.eval.tasks.utils import results_qa
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -163,7 +164,7 @@ def test_adapter_from_disk_and_in_memory_model_give_the_adapted_logliks(
     tiny_dir: Path, task_manager, base_run: dict, tmp_path: Path
 ) -> None:
     import loramoe
-    from loramoe.models import load_base
+    from loramoe.models.base import load_base
 
     model, tok = load_base(str(tiny_dir), device="cpu")
     loramoe.inject(model, loramoe.LoRAMoEConfig(num_experts=2, rank=2, dropout=0.0))
@@ -193,7 +194,7 @@ def test_adapter_from_disk_and_in_memory_model_give_the_adapted_logliks(
 def test_command_line_wrapper_adds_our_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import lm_eval.__main__
 
-    from loramoe.lm_eval_model import main
+    from loramoe.eval.lm_eval_model import main
 
     seen: list[list[str]] = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))

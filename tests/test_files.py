@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from loramoe.files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from loramoe.files import atomic_path, atomic_write_text, sha256_file
 
 
 def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
@@ -43,7 +43,8 @@ def test_atomic_path_creates_nothing_when_a_new_file_fails(tmp_path):
 
 def test_atomic_write_text_and_bytes(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "héllo\n")
-    atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    with atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"\x00\x01")
     assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo\n"
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin"]

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loramoe.errors import ConfigError, DataError
-from loramoe.formats import (
+from loramoe.data.formats import (
     DEFAULT_TASK_NAMES,
     Example,
     check_task_names,
@@ -20,6 +19,7 @@ from loramoe.formats import (
     read_records,
     resolve_task_type,
 )
+from loramoe.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, records: list) -> Path:

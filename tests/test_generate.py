@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loramoe.errors import ConfigError, DataError
-from loramoe.generate import chat_loop, generate, read_prompts
+from loramoe.inference.generate import chat_loop, generate, read_prompts
 
 from tiny import tiny_model, tiny_tokenizer
 

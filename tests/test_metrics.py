@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loramoe.metrics import (
+from loramoe.eval.metrics import (
     alias_contained,
     exact_match,
     normalize_answer,

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loramoe import models
 from loramoe.errors import ConfigError
+from loramoe.models import base
+from loramoe.models import bundled as models
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -193,7 +194,7 @@ def tiny_dir(tmp_path) -> Path:
 
 
 def test_load_base_loads_local_dir_in_float32_with_pad_token(tiny_dir):
-    model, tokenizer = models.load_base(str(tiny_dir), device="cpu")
+    model, tokenizer = base.load_base(str(tiny_dir), device="cpu")
     assert model.dtype == torch.float32
     assert not model.training
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
@@ -206,27 +207,27 @@ def test_load_base_loads_local_dir_in_float32_with_pad_token(tiny_dir):
 
 
 def test_load_base_bfloat16(tiny_dir):
-    model, _ = models.load_base(str(tiny_dir), dtype="bfloat16", device="cpu")
+    model, _ = base.load_base(str(tiny_dir), dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16
 
 
 def test_load_base_auto_dtype_is_float32_on_cpu(tiny_dir):
-    model, _ = models.load_base(str(tiny_dir), dtype="auto", device="cpu")
+    model, _ = base.load_base(str(tiny_dir), dtype="auto", device="cpu")
     assert model.dtype == torch.float32
 
 
 def test_load_base_rejects_unknown_dtype(tiny_dir):
     with pytest.raises(ConfigError, match="dtype must be one of"):
-        models.load_base(str(tiny_dir), dtype="fp8")
+        base.load_base(str(tiny_dir), dtype="fp8")
 
 
 def test_load_base_missing_directory_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load model"):
-        models.load_base(str(tmp_path / "nope"), device="cpu")
+        base.load_base(str(tmp_path / "nope"), device="cpu")
 
 
 def test_load_base_names_an_aliased_model_by_its_alias(tmp_path, fake_package, fake_convert):
-    model, tokenizer = models.load_base("Default", device="cpu", cache_dir=tmp_path)
+    model, tokenizer = base.load_base("Default", device="cpu", cache_dir=tmp_path)
     assert model.name_or_path == model.config._name_or_path == models.DEFAULT_MODEL
     assert tokenizer.name_or_path == models.DEFAULT_MODEL
 
@@ -251,7 +252,7 @@ def test_real_gguf_conversion_matches_gguf_logits_and_reloads_without_gguf(tmp_p
 
     monkeypatch.setattr(gguf.GGUFReader, "__init__", no_gguf)
     start = time.perf_counter()
-    model, tokenizer = models.load_base("smollm2-135m-instruct", device="cpu", cache_dir=tmp_path)
+    model, tokenizer = base.load_base("smollm2-135m-instruct", device="cpu", cache_dir=tmp_path)
     load_s = time.perf_counter() - start
     print(f"\nconversion {convert_s:.1f} s, later load {load_s:.1f} s, cache {path}")
 

@@ -30,11 +30,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loramoe.errors as errors
-from loramoe.cli import apply_overrides, load_yaml, main
+from loramoe.cli import main
+from loramoe.cli.overrides import apply_overrides
 from loramoe.config import LoRAMoEConfig
+from loramoe.data.formats import parse_records, read_records
 from loramoe.errors import LoRAMoEError
-from loramoe.formats import parse_records, read_records
-from loramoe.train import RunConfig, load_trained, train
+from loramoe.files import load_yaml
+from loramoe.models.trained import load_trained
+from loramoe.training.run_config import RunConfig
+from loramoe.training.train import train
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -413,7 +417,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_b
 
 
 def test_torn_checkpoints_are_skipped_and_the_previous_good_one_is_used(workspace, tmp_path, caplog):
-    from loramoe.train import COMPLETE_MARKER, latest_good_checkpoint
+    from loramoe.training.checkpoints import COMPLETE_MARKER, latest_good_checkpoint
 
     out = tmp_path / "run"
     train(RunConfig.from_dict(_run_config(workspace, out, max_steps=9)))
@@ -433,8 +437,8 @@ def test_torn_checkpoints_are_skipped_and_the_previous_good_one_is_used(workspac
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
-    import loramoe.train as train_module
-    from loramoe.train import latest_good_checkpoint
+    import loramoe.training.train as train_module
+    from loramoe.training.checkpoints import latest_good_checkpoint
 
     prepare = train_module.prepare_model
     calls = {"n": 0}

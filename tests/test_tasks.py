@@ -10,9 +10,17 @@ import pytest
 import yaml
 
 from loramoe.errors import ConfigError, DataError
-from loramoe.metrics import normalize_answer
-from loramoe.tasks import DATA_DIR_ENV, SUITES, TASKS, check_data, expand_tasks, resolve_data_dir, task_dir
-from loramoe.tasks import utils as tu
+from loramoe.eval.metrics import normalize_answer
+from loramoe.eval.tasks import (
+    DATA_DIR_ENV,
+    SUITES,
+    TASKS,
+    check_data,
+    expand_tasks,
+    resolve_data_dir,
+    task_dir,
+)
+from loramoe.eval.tasks import utils as tu
 
 datasets = pytest.importorskip("datasets")
 
@@ -38,7 +46,7 @@ def test_yaml_task_names_match_the_task_table(tmp_path: Path) -> None:
         assert (cfg["output_type"] == "generate_until") == TASKS[name].generative
         metric_names = [m["metric"] for m in cfg["metric_list"]]
         assert TASKS[name].metric in metric_names
-    assert (out / "utils.py").read_text().startswith("from loramoe.tasks.utils import *")
+    assert (out / "utils.py").read_text().startswith("from loramoe.eval.tasks.utils import *")
 
 
 def test_task_dir_substitutes_an_awkward_data_dir(tmp_path: Path) -> None:

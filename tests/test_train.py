@@ -4,6 +4,7 @@ directory holds what it promises, the baselines train, and ``load_trained`` load
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,10 @@ from safetensors.torch import load_file
 from loramoe.cli import main
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, TrainingError
-from loramoe.train import (
-    RUN_CONFIG_NAME,
-    RunConfig,
-    check_parameters_finite,
-    latest_good_checkpoint,
-    learning_curve,
-    load_trained,
-    matched_lora_rank,
-    train,
-)
+from loramoe.models.trained import load_trained
+from loramoe.training.checkpoints import latest_good_checkpoint
+from loramoe.training.run_config import RUN_CONFIG_NAME, RunConfig
+from loramoe.training.train import check_parameters_finite, matched_lora_rank, train
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -32,6 +27,12 @@ RECORDS = [
     {"question": "Capital of France?", "answer": "Paris", "task_type": 1},
     {"question": "Capital of Peru?", "answer": "Lima", "task_type": 1},
 ]
+
+
+def learning_curve(output_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs from a finished run's ``trainer_state.json``."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e and math.isfinite(e["loss"])]
 
 
 @pytest.fixture(scope="module")

@@ -74,8 +74,8 @@ def _choice_scores(model, tok, items: list[dict], chat: bool, batch: int = 16) -
 def evaluate(model, tok, sets: dict[str, list[dict]]) -> dict[str, Any]:
     from rouge_score import rouge_scorer
 
-    from loramoe.generate import generate
-    from loramoe.metrics import alias_contained, regex_match
+    from loramoe.eval.metrics import alias_contained, regex_match
+    from loramoe.inference.generate import generate
 
     model.eval()
     out: dict[str, Any] = {"scores": {}, "seconds": {}, "samples": {}}

@@ -30,7 +30,7 @@ INSTR = {
 
 
 def _cut(text: str, n: int = PASSAGE_CHARS) -> str:
-    from loramoe.tasks.utils import _truncate_words
+    from loramoe.eval.tasks.utils import _truncate_words
 
     return _truncate_words(" ".join(text.split()), n)
 
@@ -50,7 +50,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _record(task: str, row: dict) -> tuple[str, str]:
     """(input text, gold label/answer) of one downstream row, in the same format for training and eval."""
-    from loramoe.tasks.utils import _clean_ag_text
+    from loramoe.eval.tasks.utils import _clean_ag_text
 
     if task == "sst2":
         return row["sentence"].strip(), SST2_LABELS[int(row["label"])]
@@ -69,7 +69,7 @@ def _record(task: str, row: dict) -> tuple[str, str]:
 
 def downstream_rows(task: str, split: str) -> list[dict]:
     """SFT ("train") or eval ("eval") rows; the two are disjoint for every task (see README)."""
-    from loramoe.tasks.utils import BOOLQ_EVAL_ROWS, XSUM_EVAL_ROWS
+    from loramoe.eval.tasks.utils import BOOLQ_EVAL_ROWS, XSUM_EVAL_ROWS
 
     if task == "sst2":
         f = "train_full.tsv" if split == "train" else "dev.tsv"
@@ -137,8 +137,8 @@ def sft_sources(files: dict[str, Path]) -> list[dict]:
 
 def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
     """Fixed, seeded eval subsets (identical for every checkpoint)."""
-    from loramoe.demo import demo_facts
-    from loramoe.tasks.utils import load_lama, load_rome
+    from loramoe.demo.run import demo_facts
+    from loramoe.eval.tasks.utils import load_lama, load_rome
 
     sets: dict[str, list[dict]] = {}
     trec = _tsv(

@@ -31,8 +31,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from loramoe.models import load_base
-    from loramoe.train import load_trained
+    from loramoe.models.base import load_base
+    from loramoe.models.trained import load_trained
 
     sets_file = OUT / "eval_sets.json"
     if not sets_file.exists():

@@ -16,7 +16,7 @@ training output (``train_results.json``) is only evaluated, so the driver resume
 
 The evaluator is deliberately lean (small fixed subsets, identical for every checkpoint) because the whole
 experiment must fit in ~6 CPU-hours; it reuses the eval splits and the ROME/LAMA distractors of
-``loramoe.tasks.utils`` so the rows it scores are the colleague's lm-eval rows (held-out BoolQ / XSum tails).
+``loramoe.eval.tasks.utils`` so the rows it scores are the colleague's lm-eval rows (held-out BoolQ / XSum tails).
 Prompts are wrapped in the model's chat template, exactly as ``loramoe.data`` formats the SFT records, except
 the ROME/LAMA ranking probes, which score plain-text cloze continuations (format-free knowledge probes).
 """
@@ -115,7 +115,7 @@ def load_eval_sets(out: Path, n: dict[str, int]) -> dict[str, list[dict]]:
 def _weights_dir(run_dir: Path) -> Path:
     """Where a finished run's weights are: the run directory, or (full fine-tuning, whose top-level weights the
     driver deletes after evaluation) its final checkpoint."""
-    from loramoe.checkpoints import latest_good_checkpoint
+    from loramoe.training.checkpoints import latest_good_checkpoint
 
     if any(run_dir.glob("*.safetensors")):
         return run_dir
@@ -193,13 +193,13 @@ def _gold(item: dict) -> str:
 
 
 def routing(out: Path, sets: dict[str, list[dict]], runs: list[str], fig_dir: Path) -> None:
-    """Routing heatmaps (``loramoe.analysis.routing_report``) of finished LoRAMoE runs over the eval prompts: where
+    """Routing heatmaps (``loramoe.analysis.report.routing_report``) of finished LoRAMoE runs over the eval prompts: where
     the tokens of each knowledge suite and each downstream suite go. Written next to the run and into ``fig_dir``."""
     import shutil
 
-    from loramoe.analysis import routing_report
-    from loramoe.formats import Example
-    from loramoe.train import load_trained
+    from loramoe.analysis.report import routing_report
+    from loramoe.data.formats import Example
+    from loramoe.models.trained import load_trained
 
     for name in runs:
         run_dir = out / name
@@ -261,8 +261,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from loramoe.models import load_base
-    from loramoe.train import RunConfig, load_trained, train
+    from loramoe.models.base import load_base
+    from loramoe.models.trained import load_trained
+    from loramoe.training.run_config import RunConfig
+    from loramoe.training.train import train
 
     out = OUT.with_name("forgetting_smoke") if args.smoke else OUT
     out.mkdir(parents=True, exist_ok=True)

@@ -66,9 +66,10 @@ def main() -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from loramoe.data import DataCollatorForLoRAMoE, build_dataset
+    from loramoe.data.dataset import DataCollatorForLoRAMoE, build_dataset
+    from loramoe.models.trained import load_trained
     from loramoe.routing import RouterRecorder
-    from loramoe.train import RunConfig, load_trained
+    from loramoe.training.run_config import RunConfig
 
     run_dir = OUT / args.run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from loramoe.errors import ConfigError
+from loramoe.validation import is_int, is_number
 
 # model_type -> names of the feed-forward linears of one decoder layer (LoRAMoE adapts exactly these).
 FFN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -216,16 +216,6 @@ def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:
         elif not stripped:
             current = None
     return docs
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (YAML and JSON give both). Shared by every config's validation."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool, NaN or infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(cfg: LoRAMoEConfig, name: str, minimum: int) -> None:

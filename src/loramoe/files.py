@@ -1,6 +1,7 @@
-"""Crash-safe file writing: a temporary file in the same directory, fsync, then an atomic rename.
+"""Files: crash-safe writing and reading the YAML configs.
 
-A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of it.
+Writing goes to a temporary file in the same directory, is fsynced, then renamed atomically over the target, so a
+reader (or a resumed run) sees either the old file or the complete new one, never half of it.
 """
 
 from __future__ import annotations
@@ -8,9 +9,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from loramoe.errors import ConfigError
+
+# YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; YAML 1.2 and users read it as a float.
+YAML_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -60,14 +68,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file and line."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason}); save the config as UTF-8") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}{where}: invalid YAML ({problem})") from err
+    if data is None:
+        raise ConfigError(f"{p}: the config is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _yaml_loader():
+    """A SafeLoader that also reads ``1e-4`` (no dot, valid YAML 1.2) as a float, as users expect."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(f"^{YAML_FLOAT.pattern}$"), list("-+0123456789.")
+    )
+    return Loader

@@ -1,4 +1,4 @@
-"""Run under torchrun / accelerate launch: train with loramoe.train.train, then dump this rank's adapter tensors.
+"""Run under torchrun / accelerate launch: train with loramoe.training.train.train, then dump this rank's adapter tensors.
 
 Usage: ddp_train.py CONFIG.yaml OUT_PREFIX
 """
@@ -12,8 +12,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from loramoe.adapter import adapter_state_dict
-from loramoe.cli import apply_overrides, load_yaml
-from loramoe.train import RunConfig, build_trainer
+from loramoe.cli.overrides import apply_overrides
+from loramoe.files import load_yaml
+from loramoe.training.run_config import RunConfig
+from loramoe.training.train import build_trainer
 
 torch.set_num_threads(1)
 run = RunConfig.from_dict(apply_overrides(load_yaml(sys.argv[1]), []))

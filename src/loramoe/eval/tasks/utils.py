@@ -1,6 +1,6 @@
 """Document preparation and scoring functions referenced by the task YAMLs (``!function utils.<name>``).
 
-lm-eval resolves ``!function utils.x`` to a ``utils.py`` next to the YAML; :func:`loramoe.tasks.task_dir` writes
+lm-eval resolves ``!function utils.x`` to a ``utils.py`` next to the YAML; :func:`loramoe.eval.tasks.task_dir` writes
 a one-line shim there that re-exports this module, so there is one copy of the code.
 
 Design decisions:
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loramoe.metrics import (
+from loramoe.eval.metrics import (
     alias_contained,
     exact_match,
     normalize_answer,

@@ -3,17 +3,16 @@
 Design decisions:
 
 - lm-eval does the work (batching, chat templates, log-likelihoods, generation); this module picks the tasks,
-  gives each its own ``limit`` (:data:`loramoe.tasks.TASKS`), times each, and writes one JSON + one Markdown
+  gives each its own ``limit`` (:data:`loramoe.eval.tasks.TASKS`), times each, and writes one JSON + one Markdown
   table per run.
 - The model is built once and reused across tasks, so per-task times exclude loading.
-- Writing and comparing results lives in :mod:`loramoe.report` (re-exported here). ``compare`` puts runs side by side against a base run and reports *knowledge retention*: mean knowledge score
+- Writing and comparing results lives in :mod:`loramoe.eval.report`. ``compare`` puts runs side by side against a base run and reports *knowledge retention*: mean knowledge score
   after fine-tuning / mean knowledge score before. The LoRAMoE paper's claim is that this stays near 1 while
   downstream scores rise.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -25,17 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.errors import ConfigError
-from loramoe.report import RESULTS_JSON, SCHEMA, compare, results_markdown, write_results
-
-__all__ = [
-    "RESULTS_JSON",
-    "EvalConfig",
-    "add_subcommands",
-    "compare",
-    "evaluate",
-    "results_markdown",
-    "write_results",
-]
+from loramoe.eval.report import SCHEMA, write_results
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +72,7 @@ class EvalConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from loramoe.tasks import expand_tasks
+        from loramoe.eval.tasks import expand_tasks
 
         if isinstance(self.tasks, str):
             self.tasks = [t for t in self.tasks.split(",") if t.strip()]
@@ -159,7 +148,7 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
     import torch
     from lm_eval.tasks import TaskManager
 
-    from loramoe.tasks import check_data, expand_tasks, resolve_data_dir, task_dir
+    from loramoe.eval.tasks import check_data, expand_tasks, resolve_data_dir, task_dir
 
     tasks = expand_tasks(cfg.tasks)
     data_dir = resolve_data_dir(cfg.data_dir)
@@ -179,8 +168,8 @@ def _run_tasks(
 ) -> dict[str, Any]:
     import lm_eval
 
-    from loramoe.lm_eval_model import LoRAMoELM
-    from loramoe.tasks import TASKS
+    from loramoe.eval.lm_eval_model import LoRAMoELM
+    from loramoe.eval.tasks import TASKS
 
     start = time.perf_counter()
     lm = LoRAMoELM(
@@ -233,7 +222,7 @@ def _run_tasks(
 
 
 def _task_result(task: str, out: dict[str, Any], seconds: float, cpu_seconds: float) -> dict[str, Any]:
-    from loramoe.tasks import TASKS
+    from loramoe.eval.tasks import TASKS
 
     spec = TASKS[task]
     raw = out["results"][task]
@@ -270,53 +259,3 @@ def _environment() -> dict[str, str]:
         "python": platform.python_version(),
         "torch_threads": str(torch.get_num_threads()),
     }
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loramoe eval`` and ``loramoe compare`` to the command line (help text from the field docs)."""
-    from loramoe.config import field_docs
-
-    docs = field_docs(EvalConfig)
-    p = sub.add_parser(
-        "eval", help="evaluate a base model or an adapter on the knowledge and downstream suites"
-    )
-    p.add_argument("config", nargs="?", help="YAML file of eval settings (flags override it)")
-    for name in ("model", "adapter", "tasks", "data_dir", "output_dir", "label", "device", "dtype"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=docs[name])
-    for name in ("limit", "batch_size", "max_new_tokens", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])
-    p.add_argument(
-        "--chat-template",
-        dest="chat_template",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=docs["chat_template"],
-    )
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("compare", help="put evaluation runs side by side with knowledge retention")
-    p.add_argument("results", nargs="+", help="results.json files or their folders; the base run first")
-    p.add_argument("--out", required=True, help="folder for compare.md and compare.png")
-    p.add_argument(
-        "--base", default=None, help="base run by label or index (default: first without an adapter)"
-    )
-    p.add_argument("--no-plot", action="store_true", help="skip the bar chart (no matplotlib needed)")
-    p.set_defaults(func=_cmd_compare)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from loramoe.cli import load_yaml
-
-    raw = load_yaml(args.config) if args.config else {}
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    raw |= {k: v for k, v in vars(args).items() if k in names and v is not None}
-    result = evaluate(EvalConfig.from_dict(raw))
-    print(results_markdown(result))
-    print(f"written to {Path(result['config']['output_dir']) / RESULTS_JSON}")
-    return 0
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    base: int | str | None = int(args.base) if args.base is not None and args.base.isdigit() else args.base
-    print(compare(args.results, args.out, base=base, plot=not args.no_plot))
-    return 0

@@ -183,7 +183,7 @@ def task_dir(
         out_dir: Where to write; default ``<system temp>/loramoe_tasks_<hash>``.
 
     Returns:
-        The folder holding one YAML per task and a ``utils.py`` that re-exports :mod:`loramoe.tasks.utils`.
+        The folder holding one YAML per task and a ``utils.py`` that re-exports :mod:`loramoe.eval.tasks.utils`.
     """
     root = resolve_data_dir(data_dir)
     # Inside a double-quoted YAML scalar a JSON string body is valid, whatever characters the path holds.
@@ -196,6 +196,6 @@ def task_dir(
         _write_atomic(out / name, text.replace(_PLACEHOLDER, quoted))
     _write_atomic(
         out / "utils.py",
-        "from loramoe.tasks.utils import *  # noqa: F403 (written by loramoe.tasks.task_dir)\n",
+        "from loramoe.eval.tasks.utils import *  # noqa: F403 (written by loramoe.eval.tasks.task_dir)\n",
     )
     return out

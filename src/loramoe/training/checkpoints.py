@@ -51,7 +51,7 @@ def checkpoint_is_complete(folder: Path) -> bool:
         return False
 
 
-def _checkpoints(root: Path) -> list[Path]:
+def list_checkpoints(root: Path) -> list[Path]:
     """The ``checkpoint-N`` folders in ``root``, newest (largest N) first."""
     if not root.is_dir():
         return []
@@ -63,7 +63,7 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` whose completion marker verifies; torn ones are reported."""
-    for folder in _checkpoints(Path(output_dir)):
+    for folder in list_checkpoints(Path(output_dir)):
         if checkpoint_is_complete(folder):
             return str(folder)
         if not quiet:
@@ -75,10 +75,10 @@ def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False
     return None
 
 
-def _remove_torn_checkpoints(root: Path, keep: str | None) -> None:
+def remove_torn_checkpoints(root: Path, keep: str | None) -> None:
     """Delete the checkpoints newer than ``keep`` (all when None): they are torn, and the resumed run would
     otherwise write its own checkpoint of the same step over their leftovers."""
-    for folder in _checkpoints(root):
+    for folder in list_checkpoints(root):
         if keep is not None and folder == Path(keep):
             return
         logger.warning("removing torn checkpoint %s", folder)

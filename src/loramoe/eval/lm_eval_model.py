@@ -4,7 +4,7 @@ Importing this module registers the type, after which ``lm_eval.simple_evaluate(
 model_args="pretrained=BASE,adapter=DIR")`` works. lm-eval's command line imports no third-party code (it has no
 plugin entry point, and ``--include_path`` loads tasks, not models), so this module is also the command line::
 
-    python -m loramoe.lm_eval_model run --model loramoe \\
+    python -m loramoe.eval.lm_eval_model run --model loramoe \\
         --model_args pretrained=smollm2-135m-instruct,adapter=runs/sft/adapter \\
         --tasks loramoe_knowledge --limit 100 --device cpu --apply_chat_template
 
@@ -15,7 +15,7 @@ indexes its own ~15,000 task files, about a minute on a busy 2-core machine; ``l
 Design decisions:
 
 - Subclass ``HFLM`` and hand it an already-built model: loading (alias resolution, dtype) is
-  ``loramoe.models.load_base``'s job, adapters are read by ``loramoe.train.load_trained`` (loramoe, PEFT LoRA
+  ``loramoe.models.base.load_base``'s job, adapters are read by ``loramoe.models.trained.load_trained`` (loramoe, PEFT LoRA
   baseline or fully fine-tuned output) or, for a model object, ``loramoe.load_adapter``; so every lm-eval
   request path (log-likelihood, generation, chat templates, batching) is lm-eval's own.
 - ``get_model_info`` is overridden: the parent asks the Hub for a commit hash, which is a network call and is
@@ -48,7 +48,7 @@ class LoRAMoELM(HFLM):
             ``PreTrainedModel`` (give ``tokenizer`` too; an adapter, if any, is injected into it in place).
             May be omitted when ``adapter`` names its base model.
         adapter: A loramoe adapter directory (``loramoe.save_adapter``) or any training output that
-            ``loramoe.train.load_trained`` reads (a PEFT LoRA baseline, a fully fine-tuned model); ``None``
+            ``loramoe.models.trained.load_trained`` reads (a PEFT LoRA baseline, a fully fine-tuned model); ``None``
             evaluates the base model.
         tokenizer: A tokenizer object or name; default: the one that comes with the base model.
         dtype: Weights dtype when loading by name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``).
@@ -101,10 +101,10 @@ def _load_by_name(name: str | None, adapter: str | None, dtype: str) -> tuple[to
             from loramoe.errors import ConfigError
 
             raise ConfigError("the loramoe model type needs pretrained=BASE, adapter=DIR, or both")
-        from loramoe.models import load_base
+        from loramoe.models.base import load_base
 
         return load_base(name, dtype=dtype)
-    from loramoe.train import load_trained
+    from loramoe.models.trained import load_trained
 
     return load_trained(adapter, base=name, dtype=dtype)
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     from loramoe.errors import ConfigError
-    from loramoe.tasks import task_dir
+    from loramoe.eval.tasks import task_dir
 
     args = list(sys.argv[1:] if argv is None else argv)
     wants_help = not args or args[0] in ("-h", "--help")
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from loramoe.lm_eval_model import main as _main  # the importable module registers the model type once
+    # The importable module, not this __main__ copy, registers the model type (once).
+    from loramoe.eval.lm_eval_model import main as _main
 
     _main()
 else:

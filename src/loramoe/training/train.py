@@ -1,7 +1,7 @@
 """Training: the Trainer subclass (loss only), the baselines, and the train entry point.
 
-The run config lives in ``run_config.py``, crash-safe checkpoints in ``checkpoints.py``, and loading a trained
-output for inference (``load_trained``) in ``models.py``; all are re-exported here.
+The run config lives in ``run_config.py`` and crash-safe checkpoints in ``checkpoints.py``; loading a trained
+output for inference (``load_trained``) is ``loramoe.models.trained``'s job.
 
 Design decisions:
 - ``LoRAMoETrainer`` changes only how the loss is computed (``loramoe.compute_loss``), how the adapter is saved
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +27,20 @@ from torch import nn
 from transformers import Trainer
 
 from loramoe.adapter import load_adapter_weights, save_adapter
-from loramoe.checkpoints import (
-    COMPLETE_MARKER,
-    CompleteCheckpointCallback,
-    _checkpoints,
-    _remove_torn_checkpoints,
-    checkpoint_is_complete,
-    latest_good_checkpoint,
-    mark_complete,
-)
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import ConfigError, TrainingError
 from loramoe.files import atomic_write_text
 from loramoe.inject import CONFIG_ATTR, get_config, inject, resolve_targets, summary
 from loramoe.layer import linear_features
 from loramoe.loss import compute_loss
-from loramoe.models import load_trained
 from loramoe.routing import routing_stats
-from loramoe.run_config import METHODS, RUN_CONFIG_NAME, LoraBaselineConfig, RunConfig
-
-__all__ = [  # re-exported so that one import serves a training script
-    "COMPLETE_MARKER",
-    "METHODS",
-    "RUN_CONFIG_NAME",
-    "CompleteCheckpointCallback",
-    "LoRAMoETrainer",
-    "LoraBaselineConfig",
-    "RunConfig",
-    "build_trainer",
-    "check_parameters_finite",
-    "checkpoint_is_complete",
-    "latest_good_checkpoint",
-    "learning_curve",
-    "load_trained",
-    "mark_complete",
-    "matched_lora_rank",
-    "prepare_model",
-    "train",
-]
+from loramoe.training.checkpoints import (
+    CompleteCheckpointCallback,
+    latest_good_checkpoint,
+    list_checkpoints,
+    remove_torn_checkpoints,
+)
+from loramoe.training.run_config import RUN_CONFIG_NAME, RunConfig
 
 logger = logging.getLogger("loramoe.train")
 
@@ -206,8 +180,8 @@ def build_trainer(run: RunConfig) -> LoRAMoETrainer:
     """
     from transformers import set_seed
 
-    from loramoe.data import DataCollatorForLoRAMoE, build_dataset
-    from loramoe.models import load_base
+    from loramoe.data.dataset import DataCollatorForLoRAMoE, build_dataset
+    from loramoe.models.base import load_base
 
     args = run.training_arguments()
     out = Path(args.output_dir)
@@ -251,7 +225,7 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         ConfigError: a fresh run (``resume=False``) into an output directory that holds checkpoints: the new run
             would mix its checkpoints with the old run's, and a later resume could continue the wrong one.
     """
-    earlier = _checkpoints(Path(run.training["output_dir"]))
+    earlier = list_checkpoints(Path(run.training["output_dir"]))
     if not resume and earlier:
         raise ConfigError(
             f"training.output_dir {run.training['output_dir']!r} holds checkpoints of an earlier run "
@@ -263,7 +237,7 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     if resume:
         logger.info("resuming from %s", checkpoint or "the start (no complete checkpoint found)")
         if trainer.args.should_save:
-            _remove_torn_checkpoints(out, checkpoint)
+            remove_torn_checkpoints(out, checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     check_parameters_finite(trainer.model, trainer.state.global_step)
     trainer.save_model(str(out))
@@ -275,9 +249,3 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             out / "train_results.json", json.dumps(metrics, indent=2, sort_keys=True, default=str)
         )
     return metrics
-
-
-def learning_curve(output_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """(step, loss) pairs from a finished run's ``trainer_state.json``."""
-    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
-    return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e and math.isfinite(e["loss"])]

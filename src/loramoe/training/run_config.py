@@ -21,9 +21,8 @@ from typing import Any, Union
 from transformers import TrainingArguments
 
 from loramoe.config import LoRAMoEConfig
-from loramoe.config import is_int as _is_int
-from loramoe.config import is_number as _is_number
 from loramoe.errors import ConfigError
+from loramoe.validation import is_int, is_number
 
 METHODS = ("loramoe", "lora", "full")
 RUN_CONFIG_NAME = "loramoe_run.json"
@@ -45,9 +44,9 @@ class LoraBaselineConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "rank": (_is_int(self.rank) and self.rank >= 1, "an integer >= 1 or null"),
-            "alpha": (_is_number(self.alpha) and self.alpha > 0, "a positive number or null"),
-            "dropout": (_is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1) or null"),
+            "rank": (is_int(self.rank) and self.rank >= 1, "an integer >= 1 or null"),
+            "alpha": (is_number(self.alpha) and self.alpha > 0, "a positive number or null"),
+            "dropout": (is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1) or null"),
         }
         for name, (ok, need) in checks.items():
             if getattr(self, name) is not None and not ok:
@@ -77,13 +76,13 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from loramoe.data import DataConfig
+        from loramoe.data.sources import DataConfig
 
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must be a model name or path, e.g. smollm2-135m-instruct")
-        from loramoe.models import DTYPES
+        from loramoe.models.base import DTYPES
 
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
@@ -195,8 +194,8 @@ _TRAINING_RANGES: dict[str, tuple[Any, str]] = {
 }
 _SIMPLE_TYPES: dict[type, tuple[Any, str]] = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (_is_int, "an integer"),
-    float: (_is_number, "a finite number"),
+    int: (is_int, "an integer"),
+    float: (is_number, "a finite number"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -229,7 +228,7 @@ def _check_training_value(key: str, value: Any) -> None:
     rule = _TRAINING_RANGES.get(key)
     if rule is not None and value is not None:
         ok, need = rule
-        if not _is_number(value) or not ok(value):
+        if not is_number(value) or not ok(value):
             raise ConfigError(f"training.{key} must be {need}, got {value!r}")
 
 

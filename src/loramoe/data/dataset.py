@@ -1,6 +1,6 @@
 """Task-typed training data: templates with answer-only labels, the collator, and ``build_dataset``.
 
-Sources and mixtures live in ``sources.py`` and record formats in ``formats.py``; both are re-exported here.
+Sources and mixtures live in ``sources.py`` and record formats in ``formats.py``.
 
 Notable decisions:
 
@@ -28,35 +28,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from loramoe.data.formats import DEFAULT_TASK_NAMES, Example, check_task_names
+from loramoe.data.sources import TEMPLATES, DataConfig, load_source, mix_examples
 from loramoe.errors import DataError
-from loramoe.formats import DEFAULT_TASK_NAMES, Example, check_task_names
-from loramoe.sources import (
-    TEMPLATES,
-    DataConfig,
-    SourceConfig,
-    _check,
-    _is_int,
-    _load,
-    examples_from_records,
-    load_examples,
-    mix_examples,
-)
-
-__all__ = [  # the data API in one import: sources and formats are re-exported
-    "DEFAULT_TASK_NAMES",
-    "IGNORE_INDEX",
-    "BuiltData",
-    "DataCollatorForLoRAMoE",
-    "DataConfig",
-    "DataStats",
-    "Example",
-    "ExampleEncoder",
-    "SourceConfig",
-    "build_dataset",
-    "examples_from_records",
-    "load_examples",
-    "mix_examples",
-]
+from loramoe.validation import is_int, require
 
 logger = logging.getLogger("loramoe.data")
 
@@ -71,14 +46,14 @@ class ExampleEncoder:
     """
 
     def __init__(self, tokenizer: Any, *, template: str = "auto", max_length: int = 1024) -> None:
-        _check(
+        require(
             tokenizer.eos_token_id is not None, "the tokenizer has no eos_token; set one (it ends answers)"
         )
-        _check(_is_int(max_length) and max_length >= 2, f"max_length must be an int >= 2; got {max_length!r}")
+        require(is_int(max_length) and max_length >= 2, f"max_length must be an int >= 2; got {max_length!r}")
         self.tokenizer, self.max_length = tokenizer, max_length
         has_chat = bool(getattr(tokenizer, "chat_template", None))
-        _check(template in TEMPLATES, f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
-        _check(template != "chat" or has_chat, "template: chat needs a tokenizer with a chat template")
+        require(template in TEMPLATES, f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
+        require(template != "chat" or has_chat, "template: chat needs a tokenizer with a chat template")
         self.template = template if template != "auto" else ("chat" if has_chat else "plain")
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         # plain template: BOS only where the tokenizer adds it itself (as the reference's Llama tokenizer did)
@@ -139,9 +114,9 @@ class DataCollatorForLoRAMoE:
 
     def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        _check(pad is not None, "the tokenizer has neither a pad nor an eos token to pad with")
-        _check(
-            pad_to_multiple_of is None or (_is_int(pad_to_multiple_of) and pad_to_multiple_of > 0),
+        require(pad is not None, "the tokenizer has neither a pad nor an eos token to pad with")
+        require(
+            pad_to_multiple_of is None or (is_int(pad_to_multiple_of) and pad_to_multiple_of > 0),
             f"pad_to_multiple_of must be an int > 0 or None; got {pad_to_multiple_of!r}",
         )
         self.pad_id, self.pad_to_multiple_of = pad, pad_to_multiple_of
@@ -213,10 +188,10 @@ def build_dataset(
         ConfigError: a bad source task_type, or val_size leaving no training data.
     """
     names = check_task_names(task_names)
-    loaded = [_load(source, names) for source in data_cfg.sources]
+    loaded = [load_source(source, names) for source in data_cfg.sources]
     mixed = mix_examples([examples for examples, _ in loaded], data_cfg)
-    n_val = data_cfg.val_size if _is_int(data_cfg.val_size) else round(data_cfg.val_size * len(mixed))
-    _check(n_val < len(mixed), f"val_size {data_cfg.val_size} leaves no training examples of {len(mixed)}")
+    n_val = data_cfg.val_size if is_int(data_cfg.val_size) else round(data_cfg.val_size * len(mixed))
+    require(n_val < len(mixed), f"val_size {data_cfg.val_size} leaves no training examples of {len(mixed)}")
     encoder = ExampleEncoder(tokenizer, template=data_cfg.template, max_length=data_cfg.max_length)
     stats = DataStats(template=encoder.template, skipped_invalid=sum(skipped for _, skipped in loaded))
     features = []

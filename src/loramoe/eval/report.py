@@ -96,7 +96,7 @@ def compare(
     runs = [_read_run(Path(p)) for p in result_paths]
     labels = _unique_labels([r["label"] for r in runs])
     b = _base_index(runs, labels, base)
-    from loramoe.tasks import TASKS
+    from loramoe.eval.tasks import TASKS
 
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in runs)]
     tasks += sorted({t for r in runs for t in r["tasks"]} - set(tasks))

@@ -19,9 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from loramoe.config import is_int as _is_int
-from loramoe.errors import ConfigError, DataError
-from loramoe.formats import (
+from loramoe.data.formats import (
     DEFAULT_TASK_NAMES,
     FORMATS,
     RECORD_FIELDS,
@@ -33,6 +31,8 @@ from loramoe.formats import (
     resolve_task_type,
     valid_task_types,
 )
+from loramoe.errors import ConfigError, DataError
+from loramoe.validation import is_int, require
 
 logger = logging.getLogger("loramoe.data")
 
@@ -47,23 +47,18 @@ def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is None or ok(value)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _validate(config: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
     """Raise ConfigError for the first field that fails its rule: ``field: (is_valid, what it must be)``."""
     for name, (ok, need) in rules.items():
         value = getattr(config, name)
-        _check(ok(value), f"{type(config).__name__}.{name} must be {need}; got {value!r}")
+        require(ok(value), f"{type(config).__name__}.{name} must be {need}; got {value!r}")
 
 
 def _from_dict(cls: type, d: Any) -> dict[str, Any]:
-    _check(isinstance(d, Mapping), f"{cls.__name__} needs a mapping, not {type(d).__name__}")
+    require(isinstance(d, Mapping), f"{cls.__name__} needs a mapping, not {type(d).__name__}")
     valid = [f.name for f in fields(cls)]
     unknown = sorted(str(k) for k in d if k not in valid)
-    _check(not unknown, f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    require(not unknown, f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
     return dict(d)
 
 
@@ -108,9 +103,9 @@ class SourceConfig:
             "split": (_is_str, "a split name, e.g. 'train'"),
             "name": (_optional(_is_str), "a non-empty string or null"),
             "format": (lambda v: v in FORMATS, f"one of {', '.join(FORMATS)}"),
-            "task_type": (_optional(lambda v: _is_str(v) or (_is_int(v) and v >= 0)),
+            "task_type": (_optional(lambda v: _is_str(v) or (is_int(v) and v >= 0)),
                           "a task name or an int >= 0"),
-            "num_samples": (_optional(lambda v: _is_int(v) and v > 0), "an int > 0 or null"),
+            "num_samples": (_optional(lambda v: is_int(v) and v > 0), "an int > 0 or null"),
             "ratio": (_optional(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                                 and 0 < v <= 1), "a share of total_samples in (0, 1], or null"),
             "columns": (_optional(lambda v: isinstance(v, Mapping) and all(k in RECORD_FIELDS and _is_str(c)
@@ -119,11 +114,13 @@ class SourceConfig:
             "skip_invalid": (lambda v: isinstance(v, bool), "true or false"),
         })  # fmt: skip
         got = f"got path={self.path!r}, hf_dataset={self.hf_dataset!r}"
-        _check(
+        require(
             (self.path is None) != (self.hf_dataset is None),
             f"give exactly one of path and hf_dataset; {got}",
         )
-        _check(self.num_samples is None or self.ratio is None, "give a source num_samples or ratio, not both")
+        require(
+            self.num_samples is None or self.ratio is None, "give a source num_samples or ratio, not both"
+        )
         self.columns = None if self.columns is None else dict(self.columns)
 
     @property
@@ -165,12 +162,12 @@ class DataConfig:
         _validate(self, {
             "sources": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0,
                         "a non-empty list of sources, e.g. [{path: train.json, task_type: downstream}]"),
-            "max_length": (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
-            "seed": (_is_int, "an int"),
+            "max_length": (lambda v: is_int(v) and v >= 2, "an int >= 2"),
+            "seed": (is_int, "an int"),
             "template": (lambda v: v in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
-            "val_size": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
+            "val_size": (lambda v: (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
                          "a count >= 0 or a fraction in [0, 1)"),
-            "total_samples": (_optional(lambda v: _is_int(v) and v > 0), "an int > 0 or null"),
+            "total_samples": (_optional(lambda v: is_int(v) and v > 0), "an int > 0 or null"),
         })  # fmt: skip
         self.sources = [
             s if isinstance(s, SourceConfig) else SourceConfig(path=s) if isinstance(s, (str, Path))
@@ -178,11 +175,11 @@ class DataConfig:
         ]  # fmt: skip
         labels = [s.label for s in self.sources]
         twice = sorted({n for n in labels if labels.count(n) > 1})
-        _check(not twice, f"several sources are named {twice}; give each a distinct name:")
+        require(not twice, f"several sources are named {twice}; give each a distinct name:")
         ratios = [s.ratio for s in self.sources if s.ratio is not None]
-        _check(not ratios or self.total_samples is not None, "sources with ratio: need total_samples: (the "
+        require(not ratios or self.total_samples is not None, "sources with ratio: need total_samples: (the "
                "mixture size the ratios are shares of); or give them num_samples:")  # fmt: skip
-        _check(
+        require(
             sum(ratios) <= 1 + 1e-9, f"the sources' ratios add up to {sum(ratios):g}; they must not exceed 1"
         )
 
@@ -215,7 +212,7 @@ def examples_from_records(
         DataError: an invalid record (unless ``skip_invalid``), or no usable record.
     """
     config = SourceConfig(hf_dataset=name, **source)  # hf_dataset only names it: the records are given
-    return _load(config, check_task_names(task_names), records=records)[0]
+    return load_source(config, check_task_names(task_names), records=records)[0]
 
 
 def load_examples(source: SourceConfig, task_names: Sequence[str] = DEFAULT_TASK_NAMES) -> list[Example]:
@@ -225,10 +222,10 @@ def load_examples(source: SourceConfig, task_names: Sequence[str] = DEFAULT_TASK
         DataError: unreadable file or invalid record (unless ``skip_invalid``); names file, line and field.
         ConfigError: the source's task_type is not one of ``task_names``.
     """
-    return _load(source, check_task_names(task_names))[0]
+    return load_source(source, check_task_names(task_names))[0]
 
 
-def _load(
+def load_source(
     source: SourceConfig,
     names: tuple[str, ...],
     records: Iterable[Any] | None = None,
@@ -287,7 +284,7 @@ def mix_examples(groups: Sequence[Sequence[Example]], data_cfg: DataConfig) -> l
         groups: each source's Examples, in the order of ``data_cfg.sources``.
         data_cfg: the sources (for their counts), ``total_samples`` and ``seed``.
     """
-    _check(len(groups) == len(data_cfg.sources), "mix_examples needs one group of examples per source")
+    require(len(groups) == len(data_cfg.sources), "mix_examples needs one group of examples per source")
     counts = [len(g) if s.num_samples is None else s.num_samples for s, g in zip(data_cfg.sources, groups)]
     total = data_cfg.total_samples
     shares = {i: s.ratio * total for i, s in enumerate(data_cfg.sources) if s.ratio is not None}

@@ -1,11 +1,11 @@
 """The demo: does fine-tuning erase what the model knew? Plain LoRA against LoRAMoE on the bundled SmolLM2.
 
 Design decisions:
-- Offline and self-contained: world facts in ``demo_data/facts.json`` (SFT facts are trained on, held-out facts
+- Offline and self-contained: world facts in ``demo/data/facts.json`` (SFT facts are trained on, held-out facts
   are the knowledge test) and three procedurally generated downstream tasks the base model cannot do (word lists
-  in ``demo_data/downstream.json``). Nothing is copied from a benchmark.
+  in ``demo/data/downstream.json``). Nothing is copied from a benchmark.
 - The product path: the data is written as JSONL into the output folder, each method is trained with
-  ``loramoe.train.train(RunConfig)`` and read back with ``load_trained``; ``routing_report`` draws the heatmap.
+  ``loramoe.training.train.train(RunConfig)`` and read back with ``load_trained``; ``routing_report`` draws the heatmap.
 - Both runs share data, steps, learning rate, batch and seed; the LoRA baseline's rank is matched to LoRAMoE's
   trainable budget (``matched_lora_rank``). LoRAMoE uses the reference settings (8 experts of rank 4, alpha 32, LBC
   delta 0.1, weight 0.1); the learning rate is aggressive (1e-3) so forgetting shows within minutes. Settings were
@@ -16,7 +16,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import resource
@@ -36,8 +35,8 @@ METHODS = ("lora", "loramoe")
 
 
 def load_demo_json(name: str) -> Any:
-    """A JSON file of the package's ``demo_data``."""
-    return json.loads(resources.files("loramoe").joinpath("demo_data", name).read_text(encoding="utf-8"))
+    """A JSON file of the demo's ``data`` folder."""
+    return json.loads(resources.files("loramoe.demo").joinpath("data", name).read_text(encoding="utf-8"))
 
 
 def demo_facts() -> dict[str, list[dict[str, Any]]]:
@@ -151,7 +150,7 @@ class DemoConfig:
 
 def _alias_contained(prediction: str, golds: list[str]) -> float:
     try:
-        from loramoe.metrics import alias_contained
+        from loramoe.eval.metrics import alias_contained
     except ImportError:  # pragma: no cover - metrics.py is optional here
         import re
 
@@ -165,7 +164,7 @@ def _alias_contained(prediction: str, golds: list[str]) -> float:
 
 def evaluate_demo(model: Any, tokenizer: Any, data: dict[str, Any], cfg: DemoConfig) -> dict[str, Any]:
     """Held-out fact accuracy (alias containment) and each downstream task's exact-match accuracy."""
-    from loramoe.generate import generate
+    from loramoe.inference.generate import generate
 
     groups = {"facts_heldout": data["facts"]["heldout"]} | {
         task: data["tasks"][task]["test"] for task in TASKS
@@ -214,7 +213,7 @@ def build_demo_data(cfg: DemoConfig) -> dict[str, Any]:
 def run_config(cfg: DemoConfig, method: str, files: dict[str, str]) -> Any:
     """The ``RunConfig`` of one method: same data, steps, lr, batch and seed for both."""
     from loramoe.config import LoRAMoEConfig
-    from loramoe.train import RunConfig
+    from loramoe.training.run_config import RunConfig
 
     return RunConfig(
         model=cfg.model,
@@ -296,10 +295,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DemoConfig) -> dict[str, Any]:
-    from loramoe.analysis import routing_report
-    from loramoe.data import examples_from_records
-    from loramoe.models import load_base
-    from loramoe.train import load_trained, train
+    from loramoe.analysis.report import routing_report
+    from loramoe.data.sources import examples_from_records
+    from loramoe.models.base import load_base
+    from loramoe.models.trained import load_trained
+    from loramoe.training.train import train
 
     out, clock = Path(cfg.output_dir), _Clock()
     data = build_demo_data(cfg)
@@ -353,32 +353,3 @@ def results_table(results: dict[str, Any]) -> str:
     if total:
         lines.append(f"\ntime: {total['wall_s']:.0f} s wall, {total['user_cpu_s']:.0f} s user CPU")
     return "\n".join(lines) + "\n"
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loramoe demo`` to the command line (help text from ``DemoConfig``'s field docs)."""
-    from loramoe.config import field_docs
-
-    docs = field_docs(DemoConfig)
-    p = sub.add_parser("demo", help="LoRA vs LoRAMoE on the bundled model: knowledge kept, tasks learned")
-    p.add_argument("--model", default=DemoConfig.model, help=docs["model"])
-    p.add_argument("--out", dest="output_dir", default=DemoConfig.output_dir, help=docs["output_dir"])
-    p.add_argument("--quick", action="store_true", help=docs["quick"])
-    p.add_argument("--seed", type=int, default=0, help=docs["seed"])
-    for name in ("steps", "train_per_task", "test_per_task", "heldout_facts"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])
-    p.add_argument(
-        "--learning-rate", type=float, default=DemoConfig.learning_rate, help=docs["learning_rate"]
-    )
-    p.add_argument("--threads", type=int, default=None, help=docs["threads"])
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    keys = {"model", "output_dir", "quick", "seed", "steps", "train_per_task", "test_per_task", "heldout_facts",
-            "learning_rate", "progress", "threads"}  # fmt: skip
-    results = run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in keys}))
-    print(results_table(results), end="")
-    print(f"results, adapters and routing figures in {args.output_dir}")
-    return 0

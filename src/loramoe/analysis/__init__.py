@@ -1,0 +1,1 @@
+"""Analysis of trained adapters: where each task's tokens are routed (``report``)."""

@@ -1,0 +1,53 @@
+"""The ``loramoe`` command line: one module per subcommand, each parsing its flags and calling the library.
+
+Every error loramoe raises on purpose ends in one line on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from loramoe.errors import LoRAMoEError
+
+# The subcommands, in the order ``loramoe --help`` lists them; each module has ``register(subparsers)``.
+COMMANDS = ("train", "generate", "chat", "info", "evaluate", "compare", "routing", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from loramoe import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="loramoe", description="LoRAMoE fine-tuning for Hugging Face causal LMs."
+    )
+    parser.add_argument("--version", action="version", version=f"loramoe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"loramoe.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except LoRAMoEError as err:
+        if args.verbose:
+            raise
+        message = " ".join(str(err).split("\n"))  # one line, even when a wrapped library message has several
+        print(f"loramoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loramoe {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,20 @@
+"""What the inference subcommands (generate, chat) share: the model flags and loading from them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    p.add_argument(
+        "--adapter", default=None, help="a training output / adapter directory (loramoe, PEFT or full)"
+    )
+    p.add_argument("--dtype", default="float32", help="float32 (default, CPU), bfloat16, float16 or auto")
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from loramoe.models.trained import load_trained
+
+    return load_trained(args.adapter, base=args.model, dtype=args.dtype)

@@ -1,0 +1,59 @@
+"""``loramoe generate``: answers to prompts (flags or a file) from a base model and an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from loramoe.cli._model import add_model_args, load_model
+from loramoe.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate answers with a base model and an adapter")
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--file", help="prompts: .txt (one per line) or .jsonl/.json")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loramoe.inference.generate import generate
+
+    prompts = _read_prompts(args)
+    model, tokenizer = load_model(args)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    for prompt, output in zip(prompts, outputs):
+        if args.jsonl:
+            print(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False))
+        else:
+            print(f">>> {prompt}\n{output}\n")
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from loramoe.inference.generate import read_prompts
+
+    prompts = list(args.prompt or [])
+    if args.file:
+        prompts += read_prompts(args.file)
+    if not prompts:
+        raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --file PROMPTS.txt/.jsonl")
+    return prompts

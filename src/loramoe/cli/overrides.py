@@ -1,0 +1,59 @@
+"""``key.sub=value`` overrides of a YAML config, as the command line gives them, and naming the config file in
+the errors its settings cause."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from loramoe.errors import ConfigError, TargetError
+from loramoe.files import YAML_FLOAT
+
+
+def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"override {item!r} must look like key=value (e.g. training.learning_rate=1e-4)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and YAML_FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        node: Any = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):  # data.sources.0.path: an index into a list
+                node = node[_index(item, part, node)]
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override {item!r}: item {part} is {node!r}, not a section")
+                continue
+            child = node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        if isinstance(node, list):
+            node[_index(item, parts[-1], node)] = value
+        else:
+            node[parts[-1]] = value
+    return config
+
+
+def _index(item: str, part: str, items: list) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {item!r}: {part!r} is not an index of a list of {len(items)} items")
+    return int(part)
+
+
+def with_source(path: str, build: Callable[[Any], Any], raw: Any) -> Any:
+    """Call ``build(raw)``; a config or target error it raises names the config file (data errors name theirs)."""
+    try:
+        return build(raw)
+    except (ConfigError, TargetError) as err:
+        raise type(err)(f"{path}: {err}") from err

@@ -1,0 +1,2 @@
+"""Training data: record formats (``formats``), sources and mixtures (``sources``), encoding and batching
+(``dataset``)."""

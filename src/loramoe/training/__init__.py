@@ -1,0 +1,2 @@
+"""Training: the run config (``run_config``), the Trainer and the train entry point (``train``), crash-safe
+checkpoints (``checkpoints``)."""
