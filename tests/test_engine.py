@@ -216,3 +216,33 @@ def test_bad_tasks_are_refused_by_name(model_and_tokenizer) -> None:
         evaluate(model, tok, {"x": [{"prompt": "a", "golds": ["b"]}]}, {})
     with pytest.raises(ConfigError, match="empty"):
         evaluate(model, tok, {"x": []}, {"x": Task("contains")})
+
+
+@pytest.mark.slow  # converts or loads SmolLM2 and scores ~60 real items: about a minute on an idle core
+def test_forgetting_scores_are_unchanged_on_smollm2_and_the_real_eval_sets() -> None:
+    """The running experiment's numbers depend on this: the bundled model, its real suites, the same floats."""
+    pytest.importorskip("rouge_score")
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        from evaluator import evaluate as forgetting_evaluate
+        from mixture import DATA, eval_sets
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    if not DATA.is_dir():
+        pytest.skip(f"shared data {DATA} not found")
+    from loramoe.models.base import load_base
+
+    model, tok = load_base("smollm2-135m-instruct")
+    sizes = {"trec": 4, "efficientqa": 3, "facts": 4, "rome": 12, "lama": 12, "sst2": 8, "rte": 6, "boolq": 6,
+             "agnews": 6, "xsum": 2}  # fmt: skip
+    sets = eval_sets(sizes)
+    want = _reference_forgetting_scores(model, tok, sets)
+    got = forgetting_evaluate(model, tok, sets)
+    assert got["scores"] == want["scores"]
+    assert got["samples"] == want["samples"] and got["pred_dist"] == want["pred_dist"]
+    for task in ("rome", "lama", "sst2", "agnews"):
+        chat = task not in ("rome", "lama")
+        _, want_scores = _reference_choice_scores(model, tok, sets[task], chat)
+        encoded = [choice_ids(tok, it["prompt"], it["choices"], chat) for it in sets[task]]
+        got_scores = continuation_logprobs(model, encoded, pad_id=tok.pad_token_id or 0)
+        assert [[logp for logp, _ in row] for row in got_scores] == want_scores
