@@ -102,7 +102,9 @@ def _reference_demo_scores(model, tokenizer, data, max_new_tokens):
     tasks = list(data["tasks"])
     groups = {"facts_heldout": data["facts"]["heldout"]} | {t: data["tasks"][t]["test"] for t in tasks}
     prompts = [item.get("question") or item["prompt"] for items in groups.values() for item in items]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64, progress=False)
+    outputs = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64, progress=False
+    )
     scores, samples, i = {}, {}, 0
     for name, items in groups.items():
         outs, i = outputs[i : i + len(items)], i + len(items)
@@ -111,7 +113,9 @@ def _reference_demo_scores(model, tokenizer, data, max_new_tokens):
         else:
             hits = [float(o.strip() == item["completion"]) for o, item in zip(outs, items)]
         scores[name] = sum(hits) / len(hits)
-        samples[name] = [{"prompt": p.get("question") or p["prompt"], "output": o} for p, o in zip(items[:3], outs)]
+        samples[name] = [
+            {"prompt": p.get("question") or p["prompt"], "output": o} for p, o in zip(items[:3], outs)
+        ]
     scores["downstream_mean"] = sum(scores[t] for t in tasks) / len(tasks)
     return {"scores": scores, "samples": samples}
 
@@ -121,7 +125,10 @@ def _reference_demo_scores(model, tokenizer, data, max_new_tokens):
 
 
 def _choice_items(n, choices, stem):
-    return [{"prompt": f"{stem} {i}: is it {i % 3}?", "choices": choices, "gold": i % len(choices)} for i in range(n)]
+    return [
+        {"prompt": f"{stem} {i}: is it {i % 3}?", "choices": choices, "gold": i % len(choices)}
+        for i in range(n)
+    ]
 
 
 def _sets():
@@ -134,7 +141,9 @@ def _sets():
         "boolq": _choice_items(18, ["y", "n"], "Q"),
         # chat, one single-token and two multi-token choices
         "rte": _choice_items(7, ["y", "no", "maybe"], "Pair"),
-        "xsum": [{"prompt": f"Summarise: text {i} about things.", "golds": [f"things {i}"]} for i in range(3)],
+        "xsum": [
+            {"prompt": f"Summarise: text {i} about things.", "golds": [f"things {i}"]} for i in range(3)
+        ],
     }
 
 
@@ -199,7 +208,10 @@ def test_demo_scores_are_the_replaced_ones(model_and_tokenizer) -> None:
 
 def test_evaluate_reports_values_predictions_and_an_interval(model_and_tokenizer) -> None:
     model, tok = model_and_tokenizer
-    sets = {"pick": [{"prompt": "2+2?", "choices": ["4", "5"], "gold": 0}] * 3, "say": [{"prompt": "hi", "golds": ["x"]}]}
+    sets = {
+        "pick": [{"prompt": "2+2?", "choices": ["4", "5"], "gold": 0}] * 3,
+        "say": [{"prompt": "hi", "golds": ["x"]}],
+    }
     got = evaluate(model, tok, sets, {"pick": Task("acc"), "say": Task("contains", max_new_tokens=2)})
     assert list(got) == ["pick", "say"]
     pick = got["pick"]

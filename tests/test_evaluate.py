@@ -282,3 +282,20 @@ def test_eval_config_round_trips_and_rejects_unknown_keys() -> None:
     assert cfg.run_label == "base"
     with pytest.raises(ConfigError, match="unknown eval setting"):
         EvalConfig.from_dict({"modle": "x"})
+
+
+def test_log_likelihoods_equal_hflms_own_for_the_same_requests() -> None:
+    """The model type scores lm-eval's requests with the engine's forward; HFLM's own code is the reference."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = LoRAMoELM(pretrained=tiny_model("llama"), tokenizer=tiny_tokenizer(), batch_size=3)
+    pairs = [
+        (f"Question {i}: where is it?", f" {c}") for i in range(5) for c in ("Paris", "R", "Oslo is", "x")
+    ]
+    requests = [((ctx, cont), *lm._encode_pair(ctx, cont)) for ctx, cont in pairs]
+    got = lm._loglikelihood_tokens(requests)
+    want = HFLM._loglikelihood_tokens(lm, requests)
+    torch.testing.assert_close(
+        torch.tensor([g for g, _ in got]), torch.tensor([w for w, _ in want]), atol=1e-5, rtol=1e-6
+    )
+    assert [g for _, g in got] == [w for _, w in want]

@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 
 from loramoe.eval.metrics import (
+    GENERATION_METRICS,
     alias_contained,
     exact_match,
+    first_line,
+    mean_interval,
     normalize_answer,
     prefix_match,
     rank_of_gold,
     ranking_accuracy,
     regex_match,
+    rouge_l,
     token_f1,
+    verbatim_match,
 )
 
 
@@ -97,3 +102,35 @@ def test_ranking_rejects_bad_input() -> None:
         rank_of_gold([-1.0, -2.0], 2)
     with pytest.raises(ValueError, match="NaN"):
         rank_of_gold([float("nan"), -2.0], 1)
+
+
+def test_verbatim_match_counts_case_and_punctuation_but_not_surrounding_space() -> None:
+    assert verbatim_match("  #42#\n", ["#42#"]) == 1.0
+    assert verbatim_match("42", ["#42#"]) == 0.0  # the format is the task
+    assert verbatim_match("Zorp", "ZORP") == 0.0
+
+
+def test_rouge_l_is_the_best_reference_and_first_line_cuts_the_rest() -> None:
+    pytest.importorskip("rouge_score")
+    # LCS "the cat sat" = 3 of 3 predicted and 3 of 6 reference tokens: F = 2 * 1 * 0.5 / 1.5 = 2/3
+    assert rouge_l("the cat sat", ["dogs bark", "the cat sat on a mat"]) == pytest.approx(2 / 3)
+    assert rouge_l("anything", []) == 0.0
+    assert first_line("\n  Paris.  \nQuestion: next") == "Paris." and first_line(" \n ") == ""
+
+
+def test_every_generation_metric_takes_a_prediction_and_golds() -> None:
+    pytest.importorskip("rouge_score")
+    for name, metric in GENERATION_METRICS.items():
+        assert metric("Paris", ["Paris"]) == 1.0, name
+
+
+def test_mean_interval_is_lm_evals_mean_and_stderr() -> None:
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    values = [1.0, 0.0, 1.0, 1.0, 0.0, 0.5]
+    got = mean_interval(values)
+    assert got["mean"] == mean(values) and got["stderr"] == pytest.approx(mean_stderr(values), rel=1e-12)
+    assert got["low"] == pytest.approx(got["mean"] - 1.96 * got["stderr"]) and got["n"] == 6
+    assert mean_interval([0.25])["stderr"] is None and mean_interval([0.25])["mean"] == 0.25
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])

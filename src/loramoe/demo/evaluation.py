@@ -34,7 +34,9 @@ def evaluate_demo(
     tasks = list(data["tasks"])
     sets = {FACTS: [{"prompt": f["question"], "golds": f["answers"]} for f in data["facts"]["heldout"]]}
     for task in tasks:
-        sets[task] = [{"prompt": it["prompt"], "golds": [it["completion"]]} for it in data["tasks"][task]["test"]]
+        sets[task] = [
+            {"prompt": it["prompt"], "golds": [it["completion"]]} for it in data["tasks"][task]["test"]
+        ]
     specs = {name: Task("contains" if name == FACTS else "verbatim", chat_template=None,
                         max_new_tokens=max_new_tokens) for name in sets}  # fmt: skip
     results = evaluate(model, tokenizer, sets, specs, batch_size=64, pool_generation=True, progress=progress)
@@ -49,7 +51,9 @@ def evaluate_demo(
 
 def results_table(results: dict[str, Any]) -> str:
     """The before/after table: knowledge kept (held-out facts) and downstream learned, per model."""
-    tasks = [name for name in next(iter(results["scores"].values())) if name not in (FACTS, "downstream_mean")]
+    tasks = [
+        name for name in next(iter(results["scores"].values())) if name not in (FACTS, "downstream_mean")
+    ]
     head = "| model | held-out facts (knowledge) | " + " | ".join(tasks) + " | downstream mean |"
     lines = [head, "|---" * (3 + len(tasks)) + "|"]
     names = {"base": "base (no fine-tuning)", "lora": "LoRA (PEFT)", "loramoe": "LoRAMoE (LBC)"}

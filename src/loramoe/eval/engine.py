@@ -131,10 +131,14 @@ def evaluate(
         task = tasks[group[0]]
         start = time.perf_counter()
         if task.by_choice:
-            preds = predict_choices(model, tokenizer, sets[group[0]], task.chat_template, batch_size=batch_size)
+            preds = predict_choices(
+                model, tokenizer, sets[group[0]], task.chat_template, batch_size=batch_size
+            )
             outputs = {group[0]: preds}
         else:
-            outputs = _generate_group(model, tokenizer, {n: sets[n] for n in group}, task, batch_size, progress)
+            outputs = _generate_group(
+                model, tokenizer, {n: sets[n] for n in group}, task, batch_size, progress
+            )
         seconds = time.perf_counter() - start
         total = sum(len(sets[n]) for n in group)
         for name in group:
@@ -176,7 +180,9 @@ def _generate_group(
     return out
 
 
-def choice_ids(tokenizer: Any, prompt: str, choices: Sequence[str], chat: bool) -> tuple[list[int], list[list[int]]]:
+def choice_ids(
+    tokenizer: Any, prompt: str, choices: Sequence[str], chat: bool
+) -> tuple[list[int], list[list[int]]]:
     """Token ids of a prompt and of each choice (no special tokens added beyond the chat template's own).
 
     Args:

@@ -2,9 +2,13 @@
 
 Design decisions:
 
-- lm-eval does the work (batching, chat templates, log-likelihoods, generation); this module picks the tasks,
+- lm-eval runs the tasks (documents, prompts, chat templates, generation) through the ``loramoe`` model type,
+  whose log-likelihoods are the evaluation engine's (:mod:`loramoe.eval.engine`); this module picks the tasks,
   gives each its own ``limit`` (:data:`loramoe.eval.tasks.TASKS`), times each, and writes one JSON + one Markdown
   table per run.
+- Each metric's mean and standard error come from lm-eval's per-document scores through
+  :func:`loramoe.eval.metrics.mean_interval`, the function behind the engine's intervals (the same formula as
+  lm-eval's own for a mean).
 - The model is built once and reused across tasks, so per-task times exclude loading.
 - Writing and comparing results lives in :mod:`loramoe.eval.report`. ``compare`` puts runs side by side against a base run and reports *knowledge retention*: mean knowledge score
   after fine-tuning / mean knowledge score before. The LoRAMoE paper's claim is that this stays near 1 while
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.errors import ConfigError
+from loramoe.eval.metrics import mean_interval
 from loramoe.eval.report import SCHEMA, write_results
 
 log = logging.getLogger(__name__)
@@ -209,8 +214,8 @@ def _run_tasks(
             task_manager=manager,
             apply_chat_template=chat,
             gen_kwargs=gen_kwargs,
-            log_samples=False,
-            bootstrap_iters=1000,
+            log_samples=True,  # the per-document scores, for the means and intervals below
+            bootstrap_iters=0,
         )
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
@@ -226,15 +231,18 @@ def _task_result(task: str, out: dict[str, Any], seconds: float, cpu_seconds: fl
 
     spec = TASKS[task]
     raw = out["results"][task]
-    metrics = {k.split(",")[0]: v for k, v in raw.items() if "," in k and "_stderr" not in k}
-    stderr = {k.split(",")[0].removesuffix("_stderr"): v for k, v in raw.items() if "_stderr," in k}
+    # Means and standard errors from the per-document scores, by the function the engine uses for its intervals.
+    names = [k.split(",")[0] for k in raw if "," in k and "_stderr" not in k]
+    intervals = {name: mean_interval([float(s[name]) for s in out["samples"][task]]) for name in names}
+    metrics = {name: interval["mean"] for name, interval in intervals.items()}
+    stderr = {name: interval["stderr"] for name, interval in intervals.items()}
     n = out.get("n-samples", {}).get(task, {})
     return {
         "suite": spec.suite,
         "metric": spec.metric,
         "score": metrics[spec.metric],
         "metrics": metrics,
-        "stderr": {k: (v if isinstance(v, float) else None) for k, v in stderr.items()},
+        "stderr": stderr,
         "n": int(n.get("effective", raw.get("sample_len", 0))),
         "n_available": int(n.get("original", 0)),
         "seconds": round(seconds, 2),

@@ -16,8 +16,10 @@ Design decisions:
 
 - Subclass ``HFLM`` and hand it an already-built model: loading (alias resolution, dtype) is
   ``loramoe.models.base.load_base``'s job, adapters are read by ``loramoe.models.trained.load_trained`` (loramoe, PEFT LoRA
-  baseline or fully fine-tuned output) or, for a model object, ``loramoe.load_adapter``; so every lm-eval
-  request path (log-likelihood, generation, chat templates, batching) is lm-eval's own.
+  baseline or fully fine-tuned output) or, for a model object, ``loramoe.load_adapter``.
+- lm-eval builds and tokenizes the requests (chat templates, its joint context + continuation encoding) and runs
+  generation; the log-likelihood forward pass is the evaluation engine's (``loramoe.eval.engine``), the one the
+  demo and the experiments score choices with, so the project has one implementation of it.
 - ``get_model_info`` is overridden: the parent asks the Hub for a commit hash, which is a network call and is
   meaningless for a local base plus adapter.
 """
@@ -32,6 +34,9 @@ from typing import Any
 import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
+
+from loramoe.errors import ConfigError
+from loramoe.eval.engine import continuation_logprobs
 
 __all__ = ["MODEL_TYPE", "LoRAMoELM", "main"]
 
@@ -93,13 +98,63 @@ class LoRAMoELM(HFLM):
             "adapter": self.adapter,
         }
 
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        """lm-eval's tokenized log-likelihood requests, scored by :func:`loramoe.eval.engine.continuation_logprobs`.
+
+        lm-eval tokenizes (its joint context + continuation encoding); the forward pass is the engine's, the same
+        code the demo and the experiments score choices with. Consecutive requests with the same context (one
+        document's choices) form one item, so its single-token choices share a forward pass. A context too long
+        for the model loses tokens on the left, as in ``HFLM``. ``batch_size="auto"`` uses 16.
+        """
+        groups: list[
+            tuple[list[int], list[list[int]], list[int]]
+        ] = []  # (context, continuations, request indices)
+        for index, (_strings, context, continuation) in enumerate(requests):
+            context = self._fit_context(context, continuation)
+            if groups and groups[-1][0] == context:
+                groups[-1][1].append(continuation)
+                groups[-1][2].append(index)
+            else:
+                groups.append((context, [continuation], [index]))
+        batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scored = continuation_logprobs(
+            self.model, [(ctx, conts) for ctx, conts, _ in groups], batch_size=batch, pad_id=pad
+        )
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for (_ctx, _conts, indices), row in zip(groups, scored, strict=True):
+            for index, answer in zip(indices, row, strict=True):
+                answers[index] = answer
+                if (
+                    requests[index][0] is not None
+                ):  # rolling requests are cached per document by lm-eval itself
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+        return answers
+
+    def _fit_context(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The context cut from the left so that context + continuation fits the model's length."""
+        room = self.max_length - len(continuation)
+        if room < 1:
+            raise ConfigError(
+                f"a continuation of {len(continuation)} tokens leaves no room for context in the model's "
+                f"{self.max_length} positions; shorten the choices or raise max_length"
+            )
+        if len(context) > room:
+            log.warning("context of %d tokens cut to its last %d to fit %d positions", len(context), room,
+                        self.max_length)  # fmt: skip
+            return context[-room:]
+        return context
+
 
 def _load_by_name(name: str | None, adapter: str | None, dtype: str) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)``: the base alone, or a training output / adapter on its base (lazy imports)."""
     if adapter is None:
         if name is None:
-            from loramoe.errors import ConfigError
-
             raise ConfigError("the loramoe model type needs pretrained=BASE, adapter=DIR, or both")
         from loramoe.models.base import load_base
 
@@ -123,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     """
     from lm_eval.__main__ import cli_evaluate
 
-    from loramoe.errors import ConfigError
     from loramoe.eval.tasks import task_dir
 
     args = list(sys.argv[1:] if argv is None else argv)

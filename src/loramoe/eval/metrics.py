@@ -1,4 +1,7 @@
-"""Answer-matching metrics for closed-book QA, cloze probes and log-likelihood ranking: pure functions.
+"""Every answer metric of the project (QA, cloze, ranking, summaries, exact formats) and the mean's interval.
+
+The one home of answer normalisation and scoring: lm-eval's task hooks (``eval/tasks/utils.py``) and the
+evaluation engine (``eval/engine.py``, used by the demo and the experiments) both score with these functions.
 
 Design decisions:
 
@@ -10,25 +13,35 @@ Design decisions:
   match would call that wrong. It matches on token boundaries, so the gold "us" is not found inside "bus".
 - TREC answers are regular expressions written for raw text ("20,?320 f(ee|oo)t"), so ``regex_match`` searches the
   raw answer case-insensitively instead of the normalised one.
+- ``verbatim_match`` compares the stripped answer with the gold as written, for tasks whose format is the answer.
+- A generation is scored on its first non-empty line (``first_line``) by lm-eval's task hooks; the engine scores
+  the whole (short, greedy) generation, as the demo and the experiments always did.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
+    "GENERATION_METRICS",
     "alias_contained",
     "exact_match",
+    "first_line",
+    "mean_interval",
     "normalize_answer",
     "prefix_match",
     "rank_of_gold",
     "ranking_accuracy",
     "regex_match",
+    "rouge_l",
     "token_f1",
+    "verbatim_match",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -197,3 +210,98 @@ def ranking_accuracy(logliks: Sequence[float], gold: int) -> float:
         1.0 or 0.0.
     """
     return float(rank_of_gold(logliks, gold) == 1)
+
+
+def verbatim_match(prediction: str, golds: str | Iterable[str]) -> float:
+    """1.0 if the stripped prediction equals a gold exactly: case, punctuation and spacing count.
+
+    For tasks whose format is the answer (the demo's ``#N#`` sums, its code words), where normalising would
+    accept a wrong format.
+
+    Args:
+        prediction: The model's answer.
+        golds: One gold answer or a list of them.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    pred = prediction.strip()
+    return float(any(pred == g for g in _as_list(golds)))
+
+
+def rouge_l(prediction: str, references: str | Iterable[str]) -> float:
+    """ROUGE-L F-measure with stemming (Google's ``rouge-score``), best over the references.
+
+    Args:
+        prediction: The model's summary.
+        references: One reference summary or several.
+
+    Returns:
+        The F-measure in [0, 1] (0.0 when there is no reference).
+
+    Raises:
+        ImportError: ``rouge-score`` is not installed; the message names the extra.
+    """
+    scorer = _rouge_scorer()
+    return max(
+        (scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _as_list(references)), default=0.0
+    )
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ROUGE needs the rouge-score package: pip install 'loramoe[eval]'") from e
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of a generation, stripped ("" when there is none).
+
+    An answer, a completion or a summary is one line; what a model adds after it (a new "Question:", an
+    explanation) is not part of the answer.
+    """
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+GENERATION_METRICS: dict[str, Callable[[str, Any], float]] = {
+    "contains": alias_contained,
+    "em": exact_match,
+    "f1": token_f1,
+    "prefix": prefix_match,
+    "regex": regex_match,
+    "rougeL": rouge_l,
+    "verbatim": verbatim_match,
+}
+"""Metric name -> ``f(prediction, golds)``: every metric that scores a generated answer against its golds."""
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> dict[str, float | None]:
+    """The mean of per-item scores with its standard error and a normal-approximation interval.
+
+    The standard error is the one lm-eval reports for a mean: the sample standard deviation (n - 1) over
+    sqrt(n). The mean is ``sum / n``, so it equals a plain average of the same floats bit for bit.
+
+    Args:
+        values: One score per item (at least one).
+        z: Half-width of the interval in standard errors (1.96: about 95 %).
+
+    Returns:
+        ``{"mean", "stderr", "low", "high", "n"}``; ``stderr``, ``low`` and ``high`` are None for one item.
+
+    Raises:
+        ValueError: No values.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average; score at least one item")
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "stderr": None, "low": None, "high": None, "n": n}
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+    return {"mean": mean, "stderr": stderr, "low": mean - z * stderr, "high": mean + z * stderr, "n": n}

@@ -91,7 +91,7 @@ def generate(
     encoded = []
     for i, prompt in enumerate(prompts):
         ids = (
-            _encode_chat(tokenizer, [*base, {"role": "user", "content": prompt}])
+            encode_chat(tokenizer, [*base, {"role": "user", "content": prompt}])
             if use_chat
             else _encode(tokenizer, prompt)
         )
@@ -253,14 +253,14 @@ def chat_loop(
                 print_fn("(history cleared)")
                 continue
             messages.append({"role": "user", "content": text})
-            ids = _encode_chat(tokenizer, messages)
+            ids = encode_chat(tokenizer, messages)
             dropped = 0
             while (
                 max_positions and len(ids) + max_new_tokens > max_positions and len(messages) - len(base) > 1
             ):
                 del messages[len(base) : len(base) + 2]  # the oldest user + assistant pair
                 dropped += 1
-                ids = _encode_chat(tokenizer, messages)
+                ids = encode_chat(tokenizer, messages)
             if dropped:
                 print_fn(f"(dropped the {dropped} oldest turn(s) to fit the context)")
             if max_positions and len(ids) + max_new_tokens > max_positions:
@@ -321,7 +321,11 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """Token ids of chat messages rendered by the tokenizer's template, ending with the assistant cue.
+
+    The template already holds the special tokens, so none are added (a tokenizer that adds BOS would double them).
+    """
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

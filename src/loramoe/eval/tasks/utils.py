@@ -25,10 +25,12 @@ from typing import Any
 from loramoe.eval.metrics import (
     alias_contained,
     exact_match,
+    first_line,
     normalize_answer,
     prefix_match,
     rank_of_gold,
     regex_match,
+    rouge_l,
     token_f1,
 )
 
@@ -54,13 +56,6 @@ from all facts of the relation."""
 
 # --------------------------------------------------------------------------------------------------------------
 # Document preparation (``process_docs`` / ``custom_dataset``)
-
-
-def _first_line(text: str) -> str:
-    for line in text.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def docs_webquestions(dataset: Any) -> Any:
@@ -254,7 +249,7 @@ def docs_xsum(dataset: Any) -> Any:
 
 def results_qa(doc: dict, results: list[str]) -> dict[str, float]:
     """Closed-book QA: normalised exact match, token F1 and alias containment over ``doc["golds"]``."""
-    answer = _first_line(results[0])
+    answer = first_line(results[0])
     golds = doc["golds"]
     return {
         "em": exact_match(answer, golds),
@@ -265,12 +260,12 @@ def results_qa(doc: dict, results: list[str]) -> dict[str, float]:
 
 def results_trec(doc: dict, results: list[str]) -> dict[str, float]:
     """TREC factoid: the answer regex (``doc["pattern"]``) searched in the raw answer, case-insensitively."""
-    return {"regex": regex_match(_first_line(results[0]), doc["pattern"])}
+    return {"regex": regex_match(first_line(results[0]), doc["pattern"])}
 
 
 def results_cloze(doc: dict, results: list[str]) -> dict[str, float]:
     """Cloze fact probe by generation: the continuation starts with / contains the gold object."""
-    answer = _first_line(results[0])
+    answer = first_line(results[0])
     return {"prefix": prefix_match(answer, doc["golds"]), "contains": alias_contained(answer, doc["golds"])}
 
 
@@ -283,14 +278,4 @@ def results_rank(doc: dict, results: list[tuple[float, bool]]) -> dict[str, floa
 
 def results_rouge(doc: dict, results: list[str]) -> dict[str, float]:
     """Summarisation: ROUGE-L F-measure (with stemming) of the first line against ``doc["summary"]``."""
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("ROUGE needs the rouge-score package: pip install 'loramoe[eval]'") from e
-    scorer = _ROUGE_CACHE.get("L")
-    if scorer is None:
-        scorer = _ROUGE_CACHE["L"] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return {"rougeL": scorer.score(doc["summary"], _first_line(results[0]))["rougeL"].fmeasure}
-
-
-_ROUGE_CACHE: dict[str, Any] = {}
+    return {"rougeL": rouge_l(first_line(results[0]), doc["summary"])}
