@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.reference import ExpertLoopLinear, convert
 from loramoe import LoRAMoEConfig, inject
+from loramoe.layer import cached_stacking
 
 SMOLLM2_135M = dict(
     hidden_size=576,
@@ -137,14 +138,15 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int):
     mask = torch.ones_like(ids)
 
     def run() -> torch.Tensor:
-        return model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+        with cached_stacking(model):  # as loramoe.generate does (a no-op for PEFT and the floor)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     return run
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramoe.layer import LoRAMoELinear
+from loramoe.layer import LoRAMoELinear, _top_k_weights
 
 
 class ExpertLoopLinear(LoRAMoELinear):
@@ -109,8 +109,8 @@ def convert(model: nn.Module, cls: type[LoRAMoELinear]) -> nn.Module:
 
 
 class DenseTopKLinear(LoRAMoELinear):
-    """Top-k computed densely: every expert runs, the weights of the experts not chosen are zeroed (the library's
-    top-k before the sparse path; same values)."""
+    """Top-k computed densely: every expert runs, the weights of the experts not chosen are zeroed. The library's
+    sync-free form (used off the CPU and under torch.compile), forced here so the CPU can measure it."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -119,15 +119,11 @@ class DenseTopKLinear(LoRAMoELinear):
         n, r, d = self.loramoe_A.shape
         x_MD = x.to(self.loramoe_A.dtype).reshape(-1, d)
         p = self.dropout if self.training else 0.0
-        down_KD, B_KO = self._build_stacked()
-        h_MK, logits_MN = self._down_and_route(x_MD, down_KD, p)
+        down, B_HO = self._stacked()
+        h_MH, logits_MN = self._down_and_route(x_MD, down, p)
         probs = torch.softmax(logits_MN.float(), dim=-1)
-        for hook in self._router_hooks.values():
-            hook(self, probs.view(*x.shape[:-1], n))
-        top_w_Mk, top_i_Mk = probs.to(h_MK.dtype).topk(self.top_k, dim=-1)
-        weights_MN = torch.zeros_like(h_MK[:, :n]).scatter(
-            -1, top_i_Mk, top_w_Mk / top_w_Mk.sum(dim=-1, keepdim=True)
-        )
+        self._call_router_hooks(probs, result)
+        weights_MN = _top_k_weights(probs, self.top_k).to(h_MH.dtype)
         scale_MN1 = (weights_MN * (self.scaling / (1.0 - p))).unsqueeze(-1)
-        h_MK = (h_MK.view(-1, n, r) * scale_MN1).view(-1, n * r)
-        return torch.addmm(result.reshape(-1, self.out_features), h_MK, B_KO).view(result.shape)
+        h_MH = (h_MH.view(-1, n, r) * scale_MN1).view(-1, n * r)
+        return torch.addmm(result.reshape(-1, self.out_features), h_MH, B_HO).view(result.shape)

@@ -310,3 +310,25 @@ def test_layer_has_no_merge():
 def test_non_linear_base_is_rejected():
     with pytest.raises(TypeError, match="Embedding"):
         LoRAMoELinear(nn.Embedding(4, 4), num_experts=2, rank=2, alpha=4.0)
+
+
+def test_cached_stacking_builds_once_and_is_dropped_on_exit():
+    from loramoe.layer import cached_stacking
+
+    layer = make_layer().eval()
+    x = torch.randn(2, 5, D_IN)
+    with torch.no_grad():
+        plain = layer(x)
+        with cached_stacking(layer):
+            first = layer(x)
+            cached = layer._stacked_cache
+            assert cached is not None
+            layer(x)
+            assert layer._stacked_cache is cached  # built once
+        assert layer._stacked_cache is None
+        torch.testing.assert_close(first, plain, rtol=0, atol=0)
+        layer.loramoe_B.mul_(2.0)  # a change outside the block is seen by the next forward
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), 2 * (plain - layer.base_layer(x)), **TOL)
+    with cached_stacking(layer):  # with autograd on, nothing is cached (the stacked tensors carry a graph)
+        layer(x).sum().backward()
+        assert layer._stacked_cache is None

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.module_tracker import ModuleTracker
 
 from loramoe.inject import adapted_modules
 from loramoe.layer import LoRAMoELinear
 
-
-def _in_backward() -> bool:
-    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task_id is not None and graph_task_id() != -1
+# Only its public ``is_bw`` property is read; the tracker is never entered, so it installs no hooks.
+_BACKWARD_PROBE = ModuleTracker()
 
 
 class RouterRecorder:
@@ -62,7 +61,7 @@ class RouterRecorder:
         records = self.probs[name]
 
         def hook(layer: LoRAMoELinear, probs: torch.Tensor) -> None:
-            if _in_backward():  # a gradient-checkpointing recomputation, not a new forward
+            if _BACKWARD_PROBE.is_bw:  # a gradient-checkpointing recomputation, not a new forward
                 return
             if self.detach:
                 probs = probs.detach()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import TextStreamer
 
 from loramoe.errors import ConfigError, DataError
+from loramoe.layer import cached_stacking
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -387,13 +388,13 @@ def _decode_new(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_
 
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module, seed: int | None) -> Iterator[None]:
-    """Eval mode and, with a seed, a forked RNG; both undone on exit."""
+    """Eval mode, the experts' stacked weights built once, and, with a seed, a forked RNG; all undone on exit."""
     was_training = model.training
     model.eval()
     device = _device(model)
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
+        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None), cached_stacking(model):
             if seed is not None:
                 torch.manual_seed(seed)
             yield
