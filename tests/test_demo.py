@@ -8,15 +8,9 @@ import re
 
 import pytest
 
-from loramoe.demo.run import (
-    TASKS,
-    DemoConfig,
-    demo_facts,
-    downstream_items,
-    load_demo_json,
-    results_table,
-    run_demo,
-)
+from loramoe.demo.evaluation import results_table
+from loramoe.demo.items import TASKS, demo_facts, downstream_items, load_demo_json
+from loramoe.demo.run import DemoConfig, run_demo
 from loramoe.errors import ConfigError
 
 from tiny import tiny_model, tiny_tokenizer

@@ -137,7 +137,7 @@ def sft_sources(files: dict[str, Path]) -> list[dict]:
 
 def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
     """Fixed, seeded eval subsets (identical for every checkpoint)."""
-    from loramoe.demo.run import demo_facts
+    from loramoe.demo.items import demo_facts
     from loramoe.eval.tasks.utils import load_lama, load_rome
 
     sets: dict[str, list[dict]] = {}

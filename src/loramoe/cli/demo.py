@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loramoe.demo.run import DemoConfig, results_table, run_demo
+    from loramoe.demo.evaluation import results_table
+    from loramoe.demo.run import DemoConfig, run_demo
 
     keys = {"model", "output_dir", "quick", "seed", "steps", "train_per_task", "test_per_task", "heldout_facts",
             "learning_rate", "progress", "threads"}  # fmt: skip
