@@ -94,22 +94,22 @@ def generate(
         ids = (
             encode_chat(tokenizer, [*base, {"role": "user", "content": prompt}])
             if use_chat
-            else _encode(tokenizer, prompt)
+            else encode_prompt(tokenizer, prompt)
         )
         if not ids:
             raise ConfigError(f"prompt {i} has no tokens; give it some text")
         encoded.append(ids)
 
-    stop_ids = _stop_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, stop_ids)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = padding_id(tokenizer, stop_ids)
     gen_kwargs = _generation_kwargs(max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
-    device = _device(model)
+    device = model_device(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     results = [""] * len(encoded)
     with _inference(model, seed):
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id, device)  # (B, T) each
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)  # (B, T) each
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs
             )  # (B, T + new)
@@ -227,14 +227,14 @@ def chat_loop(
     stream = print_fn is print if stream is None else stream
     base: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages = list(base)
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     gen_kwargs = _generation_kwargs(
-        max_new_tokens, do_sample, temperature, top_p, stop_ids, _pad_id(tokenizer, stop_ids)
+        max_new_tokens, do_sample, temperature, top_p, stop_ids, padding_id(tokenizer, stop_ids)
     )
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None
     )
-    device = _device(model)
+    device = model_device(model)
 
     print_fn("Chat with the model. /reset clears the history; /exit or Ctrl-D quits.")
     with _inference(model, seed):
@@ -318,7 +318,8 @@ def _use_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: bool |
     return chat_template
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a plain prompt (with the special tokens the tokenizer adds, e.g. BOS)."""
     return list(tokenizer(text)["input_ids"])
 
 
@@ -331,7 +332,8 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends generation: the generation config's eos ids and the tokenizer's."""
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     candidates = config_eos if isinstance(config_eos, list) else [config_eos]
     ids: list[int] = []
@@ -341,7 +343,8 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> lis
     return ids
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> int:
+def padding_id(tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> int:
+    """The id left padding uses: the pad token, else the first stop id."""
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return stop_ids[0] if stop_ids else 0  # masked out anyway; any valid id will do
@@ -362,12 +365,14 @@ def _generation_kwargs(
     return kwargs
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters."""
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)``, each ``(B, T)``."""
     width = max(len(ids) for ids in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
@@ -391,7 +396,7 @@ def _inference(model: torch.nn.Module, seed: int | None) -> Iterator[None]:
     """Eval mode, the experts' stacked weights built once, and, with a seed, a forked RNG; all undone on exit."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None), cached_stacking(model):

@@ -1,0 +1,347 @@
+"""The ASGI application (Starlette) and ``serve``, which runs it with uvicorn.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and ``/v1/models/{id}``),
+``GET /health``. Everything under ``/v1`` needs the API key when one is set; ``/health`` never does, so a load
+balancer can probe it.
+
+Design decisions:
+
+- Work on the event loop is bounded and small (read at most ``max_body_bytes``, validate, tokenize); the model runs
+  on the batcher's thread, so health checks and refusals (401, 4xx, 429) are answered while a batch decodes.
+- The API key is compared with ``hmac.compare_digest`` (time independent of where the strings differ).
+- A request's ``timeout`` covers waiting and decoding; past it the request leaves the batch, and the client gets a
+  504 (or, when streaming, an error event).
+- SIGTERM (or Ctrl-C): the listening socket closes, requests still arriving on open connections get 503, admitted
+  requests run to their end, then the decoding thread stops and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from loramoe.inference.generate import encode_chat, encode_prompt, padding_id, stop_token_ids
+from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown
+from loramoe.serve.config import ServeConfig
+from loramoe.serve.decode import Decoder, Finish
+from loramoe.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, parse, sampling
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes share: the model's tokenizer and limits, the batcher, and whether the server is draining."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ServeConfig):
+        self.config, self.tokenizer = config, tokenizer
+        self.model_name = config.model_name or _name_of(model)
+        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
+        stops = stop_token_ids(model, tokenizer)
+        self.decoder = Decoder(model.eval(), tokenizer, stops, padding_id(tokenizer, stops))
+        self.batcher = Batcher(
+            self.decoder,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.batch_wait_ms / 1000,
+            max_queue=config.max_queue,
+        )
+        self.created = int(time.time())
+        self.draining = False
+
+    def authorize(self, request: Request) -> None:
+        if not self.config.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.config.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or incorrect API key; send it as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+            )
+
+
+def _name_of(model: Any) -> str:
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    return os.path.basename(str(name).rstrip("/")) or "loramoe"
+
+
+def build_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ServeConfig) -> Starlette:
+    """The ASGI app serving ``model``; its decoding thread starts now and stops when the app shuts down."""
+    state = ServerState(model, tokenizer, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        state.draining = True
+        await asyncio.to_thread(state.batcher.close)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", _endpoint(list_models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", _endpoint(get_model), methods=["GET"]),
+            Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
+            Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.serve = state
+    return app
+
+
+def _endpoint(handler: Callable[[Request, ServerState], Awaitable[Response]]) -> Callable:
+    """A route that checks the API key and answers ``APIError`` with an OpenAI-shaped body."""
+
+    async def route(request: Request) -> Response:
+        state: ServerState = request.app.state.serve
+        try:
+            state.authorize(request)
+            return await handler(request, state)
+        except APIError as err:
+            headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+            return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    return route
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = {
+        404: f"no route {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    err = APIError(exc.status_code, message.get(exc.status_code, exc.detail), code=None)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("internal error on %s", request.url.path)
+    err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    body = {
+        "status": "shutting down" if state.draining else "ok",
+        "model": state.model_name,
+        "running": state.batcher.running,
+        "waiting": state.batcher.waiting,
+    }
+    return JSONResponse(body, status_code=503 if state.draining else 200)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "loramoe"}
+
+
+async def list_models(request: Request, state: ServerState) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: Request, state: ServerState) -> Response:
+    _check_model(request.path_params["model_id"], state)
+    return JSONResponse(_model_card(state))
+
+
+def _check_model(name: str, state: ServerState) -> None:
+    if name != state.model_name:
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+async def chat_completions(request: Request, state: ServerState) -> Response:
+    req: ChatRequest = parse(ChatRequest, await _read_json(request, state.config.max_body_bytes))
+    _check_model(req.model, state)
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise APIError(
+            400, "this model's tokenizer has no chat template; use /v1/completions", param="messages"
+        )
+    return await _generate(state, req, "chat", encode_chat(state.tokenizer, req.chat_messages()), "messages")
+
+
+async def completions(request: Request, state: ServerState) -> Response:
+    req: CompletionRequest = parse(CompletionRequest, await _read_json(request, state.config.max_body_bytes))
+    _check_model(req.model, state)
+    return await _generate(state, req, "text", encode_prompt(state.tokenizer, req.text()), "prompt")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, read up to ``limit`` bytes (413 beyond it, 400 for anything that is not JSON)."""
+    too_large = APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise APIError(
+            400, f"the body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise APIError(400, f"the body is not valid JSON: {err}") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _generate(
+    state: ServerState, req: ChatRequest | CompletionRequest, kind: str, prompt_ids: list[int], param: str
+) -> Response:
+    if not prompt_ids:
+        raise APIError(400, "the prompt has no tokens", param=param)
+    if req.router_stats and not state.decoder.has_router:
+        raise APIError(
+            400, "router_stats needs a LoRAMoE model; this one has no LoRAMoE layers", param="router_stats"
+        )
+    if state.draining:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    config = state.config
+    settings = sampling(
+        req,
+        len(prompt_ids),
+        param=param,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_tokens=config.max_tokens,
+        context=state.context,
+    )
+    job = Job(prompt_ids, settings, req.router_stats, loop=asyncio.get_running_loop())
+    try:
+        state.batcher.submit(job)
+    except Overloaded as err:
+        raise APIError(
+            429, f"the server is busy: {err}", type="rate_limit_error", code="overloaded"
+        ) from None
+    except ShuttingDown:
+        raise APIError(
+            503, "the server is shutting down", type="server_error", code="shutting_down"
+        ) from None
+    reply = Reply(kind, state.model_name)
+    deadline = job.arrived + config.timeout
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(state, job, reply, deadline, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    try:
+        async for event in _events(job, deadline):
+            if isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+            if isinstance(event, Finish):
+                return JSONResponse(reply.full(event))
+    except TimeoutError:
+        raise APIError(504, f"the request took over {config.timeout:g} s", type="timeout_error") from None
+    finally:
+        state.batcher.cancel(
+            job
+        )  # a no-op once it finished; frees its place when the client left or timed out
+    raise AssertionError("the event stream ended without a Finish")
+
+
+async def _events(job: Job, deadline: float) -> AsyncIterator[str | Finish | Failed]:
+    """The job's events until its ``Finish`` or ``Failed``; ``TimeoutError`` at the deadline."""
+    while True:
+        event = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
+        yield event
+        if not isinstance(event, str):
+            return
+
+
+async def _sse(
+    state: ServerState, job: Job, reply: Reply, deadline: float, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    try:
+        if reply.kind == "chat":
+            yield _data(reply.chunk("", first=True))
+        async for event in _events(job, deadline):
+            if isinstance(event, str):
+                yield _data(reply.chunk(event))
+            elif isinstance(event, Finish):
+                yield _data(reply.last_chunk(event))
+                if include_usage:
+                    yield _data(reply.usage_chunk(event))
+                yield "data: [DONE]\n\n"
+            else:
+                yield _data(APIError(500, event.message, type="server_error").body())
+    except TimeoutError:
+        yield _data(
+            APIError(504, f"the request took over {state.config.timeout:g} s", type="timeout_error").body()
+        )
+    finally:
+        state.batcher.cancel(job)
+
+
+def _data(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def serve(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: ServeConfig,
+    *,
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve ``model`` over HTTP until SIGTERM or Ctrl-C, then finish the admitted requests and return.
+
+    Args:
+        model: a causal LM (plain, LoRAMoE-adapted or PEFT) and
+        tokenizer: its tokenizer.
+        config: the server's settings.
+        sock: an already bound socket to serve on instead of ``config.host`` / ``config.port``.
+    """
+    app = build_app(model, tokenizer, config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        timeout_graceful_shutdown=int(config.timeout) + 5,
+        log_level="info",
+    )
+    _Server(uv_config, app.state.serve).run(sockets=[sock] if sock is not None else None)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also marks the app as draining the moment a shutdown signal arrives."""
+
+    def __init__(self, config: Any, state: ServerState):
+        super().__init__(config)
+        self.serve_state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.serve_state.draining = True
+        super().handle_exit(sig, frame)
