@@ -31,7 +31,9 @@ from loramoe.routing import RouterRecorder
 EPS = 1e-10  # the reference's epsilon in Var / (Mean^2 + eps)
 
 
-def lbc_coefficients(task_types_B: torch.Tensor, group_of_expert: list[int], delta: float) -> torch.Tensor:
+def lbc_coefficients(
+    task_types_B: torch.Tensor, group_of_expert: list[int] | torch.Tensor, delta: float
+) -> torch.Tensor:
     """``C[b, n] = 1 - delta`` if expert n belongs to sample b's group, else ``1 + delta``. Shape (B, N), float32."""
     groups_N = torch.as_tensor(group_of_expert, device=task_types_B.device)
     own_BN = task_types_B.unsqueeze(-1) == groups_N.unsqueeze(0)
@@ -39,10 +41,17 @@ def lbc_coefficients(task_types_B: torch.Tensor, group_of_expert: list[int], del
 
 
 def check_task_types(task_types_B: torch.Tensor, num_types: int) -> None:
-    """Raise ``DataError`` unless every task type is an integer in ``[0, num_types)``."""
+    """Raise ``DataError`` unless every task type is an integer in ``[0, num_types)``.
+
+    The values are read only from a CPU tensor. On an accelerator reading them would stall every training step
+    (a host-device sync); there the data pipeline has already checked each record's type against the task names
+    where it was read (``data/sources.py``).
+    """
     if task_types_B.dtype.is_floating_point or task_types_B.dtype == torch.bool:
         raise DataError(f"task_types must be an integer tensor, got {task_types_B.dtype}")
-    if task_types_B.numel() and (int(task_types_B.min()) < 0 or int(task_types_B.max()) >= num_types):
+    if task_types_B.device.type != "cpu" or not task_types_B.numel():
+        return
+    if int(task_types_B.min()) < 0 or int(task_types_B.max()) >= num_types:
         bad = sorted({int(t) for t in task_types_B.flatten().tolist() if not 0 <= int(t) < num_types})
         raise DataError(
             f"task_types {bad} outside the configured types 0..{num_types - 1}; label each sample with one of "
@@ -54,7 +63,7 @@ def localized_balancing_loss(
     probs_BTN: torch.Tensor,
     task_types_B: torch.Tensor,
     *,
-    group_of_expert: list[int],
+    group_of_expert: list[int] | torch.Tensor,
     delta: float,
     weight: float,
     normalization: str = "cv2",
@@ -65,7 +74,7 @@ def localized_balancing_loss(
     Args:
         probs_BTN: router probabilities ``(B, T, N)``.
         task_types_B: integer task type per sample ``(B,)``; must index ``group_of_expert``'s groups.
-        group_of_expert: the task type each expert serves, length N.
+        group_of_expert: the task type each expert serves, length N (a list, or a tensor on the probs' device).
         delta: localisation strength in [0, 1).
         weight: beta.
         normalization: ``"cv2"`` (Var / Mean^2, reference) or ``"var_over_mean"`` (Var / Mean, paper text).
@@ -155,7 +164,9 @@ def compute_loss(
                 "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
         mask = inputs.get("attention_mask") if cfg.lbc_positions == "non_padding" else None
-        groups = cfg.group_of_expert()
+        groups = torch.as_tensor(
+            cfg.group_of_expert(), device=task_types.device
+        )  # one copy, not one per linear
         terms = [
             localized_balancing_loss(
                 p,
