@@ -125,11 +125,7 @@ def alias_contained(prediction: str, golds: str | Iterable[str]) -> float:
         1.0 or 0.0.
     """
     padded = f" {normalize_answer(prediction)} "
-    for gold in _as_list(golds):
-        norm = normalize_answer(gold)
-        if norm and f" {norm} " in padded:
-            return 1.0
-    return 0.0
+    return _any_alias(golds, lambda norm: f" {norm} " in padded)
 
 
 def prefix_match(prediction: str, golds: str | Iterable[str]) -> float:
@@ -145,11 +141,12 @@ def prefix_match(prediction: str, golds: str | Iterable[str]) -> float:
         1.0 or 0.0.
     """
     padded = f"{normalize_answer(prediction)} "
-    for gold in _as_list(golds):
-        norm = normalize_answer(gold)
-        if norm and padded.startswith(f"{norm} "):
-            return 1.0
-    return 0.0
+    return _any_alias(golds, lambda norm: padded.startswith(f"{norm} "))
+
+
+def _any_alias(golds: str | Iterable[str], found: Callable[[str], bool]) -> float:
+    """1.0 if ``found`` holds for some gold alias, normalised; an alias that normalises to "" never matches."""
+    return float(any((norm := normalize_answer(g)) and found(norm) for g in _as_list(golds)))
 
 
 def regex_match(prediction: str, patterns: str | Iterable[str]) -> float:

@@ -39,6 +39,7 @@ __all__ = [
 DATA_DIR_ENV = "LORAMOE_DATA_DIR"
 _PLACEHOLDER = "@DATA_DIR@"
 _TEMPLATE_DIR = Path(__file__).resolve().parent
+_REPO = _TEMPLATE_DIR.parents[3]  # <repo>/src/loramoe/eval/tasks
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get(DATA_DIR_ENV):
         chosen, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
     else:
-        chosen, origin = _TEMPLATE_DIR.parents[2] / ".." / "shared" / "data", "the default ../shared/data"
+        chosen, origin = _REPO / ".." / "shared" / "data", "the default ../shared/data"
     chosen = chosen.expanduser().resolve()
     if not chosen.is_dir():
         raise ConfigError(
