@@ -9,13 +9,25 @@ import torch
 from torch import nn
 
 
-def expert_loop_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def router_probs_off(layer: nn.Module, x: torch.Tensor, off=()) -> torch.Tensor:
+    """``softmax(W_g x)`` in float32 with the experts in ``off`` given probability 0 and the rest renormalised."""
+    probs = torch.softmax((x.float() @ layer.loramoe_router.float().T), dim=-1)  # (..., N)
+    if off:
+        keep = torch.ones(layer.num_experts)
+        keep[list(off)] = 0.0
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def expert_loop_forward(layer: nn.Module, x: torch.Tensor, off=()) -> torch.Tensor:
     """``y = base(x) + sum_i G_i(x) * (alpha / r) * B_i A_i x`` with ``G = softmax(W_g x)`` in float32 (no dropout).
 
     Uses the layer's own parameters, so gradients w.r.t. A, B, router and x can be compared with the fused forward.
+    ``off``: experts switched off (probability 0, the others renormalised).
     """
     y = layer.base_layer(x)
-    probs = torch.softmax((x.float() @ layer.loramoe_router.float().T), dim=-1)  # (..., N)
+    probs = router_probs_off(layer, x, off)  # (..., N)
     for i in range(layer.num_experts):
         A_i = layer.loramoe_A[i]  # (r, d_in)
         B_i = layer.loramoe_B[i]  # (d_out, r)
@@ -23,12 +35,13 @@ def expert_loop_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def expert_loop_topk_forward(layer: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per token: keep the k most probable experts, renormalise their probabilities to sum to 1, mix them."""
+def expert_loop_topk_forward(layer: nn.Module, x: torch.Tensor, k: int, off=()) -> torch.Tensor:
+    """Per token: keep the k most probable experts, renormalise their probabilities to sum to 1, mix them.
+    ``off``: experts switched off first (probability 0, the others renormalised)."""
     y = layer.base_layer(x)
     d_in = x.shape[-1]
     x_rows = x.reshape(-1, d_in)
-    probs_rows = torch.softmax(x_rows.float() @ layer.loramoe_router.float().T, dim=-1)
+    probs_rows = router_probs_off(layer, x_rows, off)
     out_rows = []
     for m in range(x_rows.shape[0]):
         p = probs_rows[m]

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from loramoe.adapter import load_adapter, save_adapter
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, DataError, LoRAMoEError, TargetError, TrainingError
-from loramoe.inject import adapted_modules, disable_adapters, inject, summary
+from loramoe.inject import adapted_modules, disable_adapters, disable_experts, inject, summary
 from loramoe.layer import LoRAMoELinear
 from loramoe.loss import LossParts, compute_loss, localized_balancing_loss
 from loramoe.routing import RouterRecorder
@@ -32,6 +32,7 @@ __all__ = [
     "adapted_modules",
     "compute_loss",
     "disable_adapters",
+    "disable_experts",
     "inject",
     "load_adapter",
     "localized_balancing_loss",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
@@ -126,6 +127,51 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, state in zip(layers, before):
             layer.disabled = state
+
+
+@contextlib.contextmanager
+def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn.Module]:
+    """Inside the block the given experts are switched off in every LoRAMoE layer: the router's softmax runs over
+    the remaining experts only (their probabilities renormalised to sum to 1), as if the others did not exist.
+
+    Args:
+        model: a model with LoRAMoE layers.
+        group: an expert group by its task name (binary mode: ``"downstream"`` = the first half of the experts,
+            ``"knowledge"`` = the second), or expert indices (``[0, 2]``).
+
+    Raises:
+        ConfigError: no LoRAMoE layers, an unknown group name, an index out of range, or every expert off.
+    """
+    cfg = get_config(model)
+    n = cfg.num_experts
+    if isinstance(group, str):
+        if group not in cfg.task_names:
+            raise ConfigError(
+                f"unknown expert group {group!r}; this adapter's groups are {list(cfg.task_names)} (or give indices)"
+            )
+        off = [e for e, k in enumerate(cfg.group_of_expert()) if cfg.task_names[k] == group]
+    else:
+        off = list(group)
+        bad = [e for e in off if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n]
+        if bad or not off:
+            raise ConfigError(f"expert indices must be a non-empty list of ints in [0, {n}); got {list(group)!r}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[off] = True
+    if mask.all():
+        raise ConfigError(f"switching off {sorted(set(off))} leaves no expert of {n}; keep at least one on")
+    layers = list(adapted_modules(model).values())
+    before = [layer.experts_off for layer in layers]
+    for layer in layers:
+        layer.experts_off = mask if layer.experts_off is None else layer.experts_off | mask
+        if layer.experts_off.all():
+            for restore, state in zip(layers, before):
+                restore.experts_off = state
+            raise ConfigError(f"switching off {sorted(set(off))} on top of the experts already off leaves none on")
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, before):
+            layer.experts_off = state
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

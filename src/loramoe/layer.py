@@ -96,6 +96,7 @@ class LoRAMoELinear(nn.Module):
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
         self.dropout, self.dropout_mode, self.top_k = dropout, dropout_mode, top_k
         self.disabled = False
+        self.experts_off: torch.Tensor | None = None  # (N,) bool; see inject.disable_experts
         self._router_hooks: OrderedDict[int, RouterHook] = OrderedDict()
         self._caching, self._stacked_cache = False, None  # see cached_stacking()
         device = next(base_layer.parameters()).device
@@ -121,7 +122,13 @@ class LoRAMoELinear(nn.Module):
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Router probabilities ``softmax(W_g x)`` in float32, shape ``(..., N)``."""
-        return torch.softmax(F.linear(x.to(self.loramoe_router.dtype), self.loramoe_router).float(), dim=-1)
+        return torch.softmax(self._logits(F.linear(x.to(self.loramoe_router.dtype), self.loramoe_router)), dim=-1)
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits in float32; experts switched off get -inf, so the softmax renormalises over the rest."""
+        if self.experts_off is None:
+            return logits.float()
+        return logits.float().masked_fill(self.experts_off.to(logits.device), float("-inf"))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., O)
@@ -136,7 +143,7 @@ class LoRAMoELinear(nn.Module):
         h_MH, logits_MN = self._down_and_route(
             x_MD, down, dropout
         )  # rows A_n m_n x (not / (1 - p) yet); W_g x
-        probs_MN = torch.softmax(logits_MN.float(), dim=-1)  # G, float32
+        probs_MN = torch.softmax(self._logits(logits_MN), dim=-1)  # G, float32
         self._call_router_hooks(probs_MN, result)
         weights_MN = probs_MN if self.top_k is None else _top_k_weights(probs_MN, self.top_k)
         # G_n * alpha / R and dropout's 1 / (1 - p) folded into one per-token scale of each R-block.
