@@ -201,7 +201,7 @@ def test_run_config_forces_what_loramoe_needs_and_rejects_unknown_arguments(file
     assert args.remove_unused_columns is False and args.label_names == ["labels"]  # task_types reach the loss
     with pytest.raises(ConfigError, match=r"unknown training argument.*epochs"):
         run_config(files, tmp_path, epochs=3)
-    with pytest.raises(ConfigError, match=r"training.learning_rate must be a finite number, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"training.learning_rate must be a number >= 0, got 'fast'"):
         run_config(files, tmp_path, learning_rate="fast")
     with pytest.raises(ConfigError, match=r"training.lr_scheduler_type: zigzag is not a valid"):
         run_config(files, tmp_path, lr_scheduler_type="zigzag")

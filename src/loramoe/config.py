@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramoe.errors import ConfigError
-from loramoe.validation import is_int, is_number
+from loramoe.validation import check_fields, from_mapping, integer, is_int, number, one_of, optional
 
 # model_type -> names of the feed-forward linears of one decoder layer (LoRAMoE adapts exactly these).
 FFN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -49,6 +49,20 @@ NORMALIZATIONS = ("cv2", "var_over_mean")
 REDUCTIONS = ("sum", "mean")
 POSITIONS = ("all", "non_padding")
 DROPOUT_MODES = ("per_expert", "shared")
+
+_RULES = {
+    "num_experts": integer(1),
+    "rank": integer(1),
+    "alpha": number(0, low_open=True),
+    "dropout": number(0, 1, high_open=True),
+    "dropout_mode": one_of(DROPOUT_MODES),
+    "top_k": optional(integer(1)),
+    "lbc_delta": number(0, 1, high_open=True),
+    "lbc_weight": (number(0)[0], "a number >= 0 (0 disables the LBC)"),
+    "lbc_normalization": one_of(NORMALIZATIONS),
+    "lbc_reduction": one_of(REDUCTIONS),
+    "lbc_positions": one_of(POSITIONS),
+}
 
 
 @dataclass(frozen=True)
@@ -107,24 +121,9 @@ class LoRAMoEConfig:
                 raise ConfigError(f"{name} must be a list (or null), got {type(value).__name__} {value!r}")
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
-        _check_int(self, "num_experts", 1)
-        _check_int(self, "rank", 1)
-        if not is_number(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        _check_choice(self, "dropout_mode", DROPOUT_MODES)
-        _check_choice(self, "lbc_normalization", NORMALIZATIONS)
-        _check_choice(self, "lbc_reduction", REDUCTIONS)
-        _check_choice(self, "lbc_positions", POSITIONS)
-        if self.top_k is not None:
-            _check_int(self, "top_k", 1)
-            if self.top_k > self.num_experts:
-                raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if not is_number(self.lbc_delta) or not 0.0 <= self.lbc_delta < 1.0:
-            raise ConfigError(f"lbc_delta must be in [0, 1), got {self.lbc_delta!r}")
-        if not is_number(self.lbc_weight) or self.lbc_weight < 0:
-            raise ConfigError(f"lbc_weight must be >= 0 (0 disables the LBC), got {self.lbc_weight!r}")
+        check_fields(self, _RULES)
+        if self.top_k is not None and self.top_k > self.num_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
@@ -135,6 +134,9 @@ class LoRAMoEConfig:
             raise ConfigError(f"task_names must be a list of non-empty strings, got {self.task_names!r}")
         if len(self.task_names) < 2 or len(set(self.task_names)) != len(self.task_names):
             raise ConfigError(f"task_names must be at least two distinct names, got {list(self.task_names)}")
+        self._check_expert_groups()
+
+    def _check_expert_groups(self) -> None:
         if self.expert_groups is None:
             if len(self.task_names) != 2:
                 raise ConfigError(
@@ -146,17 +148,17 @@ class LoRAMoEConfig:
                     f"num_experts={self.num_experts} is odd: binary LBC mode splits the experts into two equal "
                     "halves; use an even num_experts or give expert_groups explicitly (e.g. [3, 4])"
                 )
-        else:
-            groups = self.expert_groups
-            if len(groups) != len(self.task_names):
-                raise ConfigError(
-                    f"expert_groups has {len(groups)} sizes but task_names has {len(self.task_names)} names; give one "
-                    "group size per task type"
-                )
-            if not all(is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
-                raise ConfigError(
-                    f"expert_groups {list(groups)} must be positive integers summing to num_experts={self.num_experts}"
-                )
+            return
+        groups = self.expert_groups
+        if len(groups) != len(self.task_names):
+            raise ConfigError(
+                f"expert_groups has {len(groups)} sizes but task_names has {len(self.task_names)} names; give one "
+                "group size per task type"
+            )
+        if not all(is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
+            raise ConfigError(
+                f"expert_groups {list(groups)} must be positive integers summing to num_experts={self.num_experts}"
+            )
 
     @property
     def scaling(self) -> float:
@@ -184,13 +186,7 @@ class LoRAMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRAMoEConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"a LoRAMoE config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown LoRAMoE config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, where="LoRAMoE config")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -216,15 +212,3 @@ def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:
         elif not stripped:
             current = None
     return docs
-
-
-def _check_int(cfg: LoRAMoEConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_choice(cfg: LoRAMoEConfig, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,11 +1,22 @@
-"""Checks shared by every config dataclass: value kinds that YAML and JSON blur (bool is an int) and one error."""
+"""Validation shared by every config dataclass: building one from a mapping, and per-field rules.
+
+A rule is ``(is_valid, what the value must be)``; :func:`check_fields` raises a ``ConfigError`` for the first field
+that fails, worded ``"<field> must be <what>, got <value>"``, so every config reports a bad value the same way.
+YAML and JSON blur kinds that Python keeps apart (``true`` is an int to ``isinstance``), so the kinds here are the
+strict ones.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
 
 from loramoe.errors import ConfigError
+
+Rule = tuple[Callable[[Any], bool], str]
+T = TypeVar("T")
 
 
 def is_int(value: Any) -> bool:
@@ -22,3 +33,95 @@ def require(ok: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``ok``."""
     if not ok:
         raise ConfigError(message)
+
+
+def integer(minimum: int | None = None) -> Rule:
+    """An int (not a bool), at least ``minimum`` when given."""
+    need = "an integer" if minimum is None else f"an integer >= {minimum}"
+    return (lambda v: is_int(v) and (minimum is None or v >= minimum)), need
+
+
+def number(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Rule:
+    """A finite number in the interval from ``low`` to ``high`` (closed ends unless ``*_open``)."""
+
+    def ok(v: Any) -> bool:
+        if not is_number(v):
+            return False
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    if low is not None and high is not None:
+        need = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        need = (
+            "a positive number"
+            if (low == 0 and low_open)
+            else f"a number {'>' if low_open else '>='} {low:g}"
+        )
+    else:
+        need = "a finite number"
+    return ok, need
+
+
+def boolean() -> Rule:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def one_of(choices: Collection[Any]) -> Rule:
+    return (lambda v: v in choices), f"one of {list(choices)}"
+
+
+def text() -> Rule:
+    """A non-empty string."""
+    return (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or null."""
+    ok, need = rule
+    return (lambda v: v is None or ok(v)), f"{need} or null"
+
+
+def check_value(name: str, value: Any, rule: Rule) -> None:
+    """Raise ``ConfigError`` naming ``name`` unless ``value`` passes ``rule``."""
+    ok, need = rule
+    require(ok(value), f"{name} must be {need}, got {value!r}")
+
+
+def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:
+    """Raise ``ConfigError`` for the first field of ``config`` that fails its rule, naming the field."""
+    for name, rule in rules.items():
+        check_value(name, getattr(config, name), rule)
+
+
+def from_mapping(cls: type[T], data: Any, *, where: str | None = None) -> T:
+    """Build the dataclass ``cls`` from a YAML / JSON mapping; unknown keys are listed with the valid ones.
+
+    Args:
+        cls: a dataclass whose ``__post_init__`` validates the values.
+        data: the mapping.
+        where: how errors name the mapping (default: the class name).
+    """
+    where = where or cls.__name__
+    require(
+        isinstance(data, Mapping), f"{where} must be a mapping of keys to values, got {type(data).__name__}"
+    )
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in data if k not in valid)
+    require(not unknown, f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    return cls(**data)
+
+
+def section(name: str, cls: type[T], value: Any) -> T:
+    """A nested config (``loramoe:``, ``data:`` ...) built from its mapping; its errors start with ``name``."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return from_mapping(cls, value, where=name)
+    except ConfigError as err:
+        if str(err).startswith(name):
+            raise
+        raise ConfigError(f"{name}: {err}") from err

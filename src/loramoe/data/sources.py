@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +32,62 @@ from loramoe.data.formats import (
     valid_task_types,
 )
 from loramoe.errors import ConfigError, DataError
-from loramoe.validation import is_int, require
+from loramoe.validation import (
+    boolean,
+    check_fields,
+    from_mapping,
+    integer,
+    is_int,
+    number,
+    one_of,
+    optional,
+    require,
+    section,
+    text,
+)
 
 logger = logging.getLogger("loramoe.data")
 
 TEMPLATES = ("auto", "chat", "plain")
 
 
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
+def _name(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value != "")
 
 
-def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or ok(value)
+def _task_type(value: Any) -> bool:
+    return _name(value) or (is_int(value) and value >= 0)
 
 
-def _validate(config: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
-    """Raise ConfigError for the first field that fails its rule: ``field: (is_valid, what it must be)``."""
-    for name, (ok, need) in rules.items():
-        value = getattr(config, name)
-        require(ok(value), f"{type(config).__name__}.{name} must be {need}; got {value!r}")
+def _columns(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, Mapping) and all(k in RECORD_FIELDS and isinstance(c, str) and c for k, c in value.items())
+    )
 
 
-def _from_dict(cls: type, d: Any) -> dict[str, Any]:
-    require(isinstance(d, Mapping), f"{cls.__name__} needs a mapping, not {type(d).__name__}")
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(str(k) for k in d if k not in valid)
-    require(not unknown, f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
-    return dict(d)
+_SOURCE_RULES = {
+    "path": (_name, "a JSON or JSONL file"),
+    "hf_dataset": (_name, "a datasets name or folder"),
+    "hf_config": (_name, "a dataset configuration name or null"),
+    "split": text(),
+    "name": optional(text()),
+    "format": one_of(FORMATS),
+    "task_type": (_task_type, "a task name or an int >= 0, or null"),
+    "num_samples": optional(integer(1)),
+    "ratio": (optional(number(0, 1, low_open=True))[0], "a share of total_samples in (0, 1], or null"),
+    "columns": (_columns, f"a mapping from fields ({', '.join(RECORD_FIELDS)}) to the records' keys"),
+    "skip_invalid": boolean(),
+}
+_DATA_RULES = {
+    "sources": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0,
+                "a non-empty list of sources, e.g. [{path: train.json, task_type: downstream}]"),
+    "max_length": integer(2),
+    "seed": integer(),
+    "template": one_of(TEMPLATES),
+    "val_size": (lambda v: (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
+                 "a count >= 0 or a fraction in [0, 1)"),
+    "total_samples": optional(integer(1)),
+}  # fmt: skip
 
 
 @dataclass
@@ -96,23 +124,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if isinstance(self.path, Path):
             self.path = str(self.path)
-        _validate(self, {
-            "path": (_optional(_is_str), "a JSON or JSONL file"),
-            "hf_dataset": (_optional(_is_str), "a datasets name or folder"),
-            "hf_config": (_optional(_is_str), "a dataset configuration name or null"),
-            "split": (_is_str, "a split name, e.g. 'train'"),
-            "name": (_optional(_is_str), "a non-empty string or null"),
-            "format": (lambda v: v in FORMATS, f"one of {', '.join(FORMATS)}"),
-            "task_type": (_optional(lambda v: _is_str(v) or (is_int(v) and v >= 0)),
-                          "a task name or an int >= 0"),
-            "num_samples": (_optional(lambda v: is_int(v) and v > 0), "an int > 0 or null"),
-            "ratio": (_optional(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                                and 0 < v <= 1), "a share of total_samples in (0, 1], or null"),
-            "columns": (_optional(lambda v: isinstance(v, Mapping) and all(k in RECORD_FIELDS and _is_str(c)
-                                                                            for k, c in v.items())),
-                        f"a mapping from fields ({', '.join(RECORD_FIELDS)}) to the records' keys"),
-            "skip_invalid": (lambda v: isinstance(v, bool), "true or false"),
-        })  # fmt: skip
+        check_fields(self, _SOURCE_RULES)
         got = f"got path={self.path!r}, hf_dataset={self.hf_dataset!r}"
         require(
             (self.path is None) != (self.hf_dataset is None),
@@ -135,7 +147,7 @@ class SourceConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceConfig:
         """Build from a dict (a YAML/JSON mapping). Raises ConfigError on unknown keys or bad values."""
-        return cls(**_from_dict(cls, d))
+        return from_mapping(cls, d)
 
 
 @dataclass
@@ -159,20 +171,11 @@ class DataConfig:
     total_samples: int | None = None
 
     def __post_init__(self) -> None:
-        _validate(self, {
-            "sources": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0,
-                        "a non-empty list of sources, e.g. [{path: train.json, task_type: downstream}]"),
-            "max_length": (lambda v: is_int(v) and v >= 2, "an int >= 2"),
-            "seed": (is_int, "an int"),
-            "template": (lambda v: v in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
-            "val_size": (lambda v: (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
-                         "a count >= 0 or a fraction in [0, 1)"),
-            "total_samples": (_optional(lambda v: is_int(v) and v > 0), "an int > 0 or null"),
-        })  # fmt: skip
+        check_fields(self, _DATA_RULES)
         self.sources = [
-            s if isinstance(s, SourceConfig) else SourceConfig(path=s) if isinstance(s, (str, Path))
-            else SourceConfig.from_dict(s) for s in self.sources
-        ]  # fmt: skip
+            section(f"sources[{i}]", SourceConfig, SourceConfig(path=s) if isinstance(s, (str, Path)) else s)
+            for i, s in enumerate(self.sources)
+        ]
         labels = [s.label for s in self.sources]
         twice = sorted({n for n in labels if labels.count(n) > 1})
         require(not twice, f"several sources are named {twice}; give each a distinct name:")
@@ -190,7 +193,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from a dict (a YAML/JSON mapping). Raises ConfigError on unknown keys or bad values."""
-        return cls(**_from_dict(cls, d))
+        return from_mapping(cls, d)
 
 
 def examples_from_records(
