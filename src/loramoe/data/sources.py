@@ -61,7 +61,8 @@ def _task_type(value: Any) -> bool:
 
 def _columns(value: Any) -> bool:
     return value is None or (
-        isinstance(value, Mapping) and all(k in RECORD_FIELDS and isinstance(c, str) and c for k, c in value.items())
+        isinstance(value, Mapping)
+        and all(k in RECORD_FIELDS and isinstance(c, str) and c for k, c in value.items())
     )
 
 
