@@ -258,3 +258,15 @@ def test_forgetting_scores_are_unchanged_on_smollm2_and_the_real_eval_sets() -> 
         encoded = [choice_ids(tok, it["prompt"], it["choices"], chat) for it in sets[task]]
         got_scores = continuation_logprobs(model, encoded, pad_id=tok.pad_token_id or 0)
         assert [[logp for logp, _ in row] for row in got_scores] == want_scores
+
+
+def test_the_forgetting_evaluators_choice_helper_is_the_replaced_one(model_and_tokenizer) -> None:
+    """``_choice_scores`` stays importable for the knowledge-retention experiment, with the same predictions."""
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        from evaluator import _choice_scores
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    model, tok = model_and_tokenizer
+    items = _sets()["rome"]
+    assert _choice_scores(model, tok, items, chat=False) == _reference_choice_scores(model, tok, items, False)[0]

@@ -18,6 +18,7 @@ from loramoe.eval.metrics import (
     rouge_l,
     token_f1,
     verbatim_match,
+    wilson_interval,
 )
 
 
@@ -130,7 +131,17 @@ def test_mean_interval_is_lm_evals_mean_and_stderr() -> None:
     values = [1.0, 0.0, 1.0, 1.0, 0.0, 0.5]
     got = mean_interval(values)
     assert got["mean"] == mean(values) and got["stderr"] == pytest.approx(mean_stderr(values), rel=1e-12)
-    assert got["low"] == pytest.approx(got["mean"] - 1.96 * got["stderr"]) and got["n"] == 6
-    assert mean_interval([0.25])["stderr"] is None and mean_interval([0.25])["mean"] == 0.25
+    assert got["low"] == pytest.approx(got["mean"] - 1.959964 * got["stderr"]) and got["n"] == 6
+    assert mean_interval([0.25]) == {"mean": 0.25, "stderr": None, "low": None, "high": None, "n": 1}
     with pytest.raises(ValueError, match="no values"):
         mean_interval([])
+
+
+def test_accuracies_get_the_wilson_interval() -> None:
+    # 8 of 10: p = 0.8, z^2 = 3.8415; centre (0.8 + 0.19207) / 1.38415 = 0.71674, half-width
+    # 1.959964 * sqrt(0.016 + 0.0096037) / 1.38415 = 0.22657 -> [0.49016, 0.94331]
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == (pytest.approx(0.49016, abs=1e-5), pytest.approx(0.94331, abs=1e-5))
+    assert mean_interval([1.0] * 8 + [0.0] * 2)["low"] == low
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0  # never outside [0, 1]
+    assert mean_interval([1.0])["high"] == 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loramoe.eval.engine import Task
+from loramoe.eval.engine import Task, predict_choices
 from loramoe.eval.engine import evaluate as score_sets
 
 KNOWLEDGE = ["trec", "efficientqa", "rome", "lama", "facts"]  # suites NOT in the SFT mixture
@@ -53,3 +53,9 @@ def evaluate(model: Any, tok: Any, sets: dict[str, list[dict]]) -> dict[str, Any
             out.setdefault("pred_dist", {})[task] = counts
         log.info("  %-12s %.3f  (%.0fs)", task, res.score, res.seconds)
     return out
+
+
+def _choice_scores(model: Any, tok: Any, items: list[dict], chat: bool, batch: int = 16) -> list[int]:
+    """The predicted choice per item: ``loramoe.eval.engine.predict_choices`` under the name that
+    ``experiments/knowledge_retention/scoring.py`` imports (new code should call the engine directly)."""
+    return predict_choices(model, tok, items, chat, batch_size=batch)

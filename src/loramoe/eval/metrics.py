@@ -42,6 +42,7 @@ __all__ = [
     "rouge_l",
     "token_f1",
     "verbatim_match",
+    "wilson_interval",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -278,18 +279,42 @@ GENERATION_METRICS: dict[str, Callable[[str, Any], float]] = {
 """Metric name -> ``f(prediction, golds)``: every metric that scores a generated answer against its golds."""
 
 
-def mean_interval(values: Sequence[float], z: float = 1.96) -> dict[str, float | None]:
-    """The mean of per-item scores with its standard error and a normal-approximation interval.
+Z95 = 1.959964
+"""The two-sided 95 % quantile of the standard normal distribution."""
 
-    The standard error is the one lm-eval reports for a mean: the sample standard deviation (n - 1) over
-    sqrt(n). The mean is ``sum / n``, so it equals a plain average of the same floats bit for bit.
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (stays inside [0, 1], sound near 0 and 1).
+
+    Args:
+        successes: Items scored 1.
+        n: Items scored (at least one).
+        z: Interval half-width in standard normal quantiles (:data:`Z95`: 95 %).
+
+    Returns:
+        ``(low, high)``.
+    """
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def mean_interval(values: Sequence[float], z: float = Z95) -> dict[str, float | None]:
+    """The mean of per-item scores, its standard error and a confidence interval.
+
+    The mean is ``sum / n``, so it equals a plain average of the same floats bit for bit. The standard error is
+    the one lm-eval reports for a mean: the sample standard deviation (n - 1) over sqrt(n). The interval is the
+    Wilson interval when every value is 0 or 1 (an accuracy), else mean +/- z standard errors.
 
     Args:
         values: One score per item (at least one).
-        z: Half-width of the interval in standard errors (1.96: about 95 %).
+        z: Interval half-width in standard normal quantiles (:data:`Z95`: 95 %).
 
     Returns:
-        ``{"mean", "stderr", "low", "high", "n"}``; ``stderr``, ``low`` and ``high`` are None for one item.
+        ``{"mean", "stderr", "low", "high", "n"}``; for one item ``stderr`` is None, and so are ``low`` and
+        ``high`` unless the value is 0 or 1.
 
     Raises:
         ValueError: No values.
@@ -298,7 +323,11 @@ def mean_interval(values: Sequence[float], z: float = 1.96) -> dict[str, float |
     if n == 0:
         raise ValueError("no values to average; score at least one item")
     mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "stderr": None, "low": None, "high": None, "n": n}
-    stderr = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
-    return {"mean": mean, "stderr": stderr, "low": mean - z * stderr, "high": mean + z * stderr, "n": n}
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) / math.sqrt(n) if n > 1 else None
+    if all(x in (0.0, 1.0) for x in values):
+        low, high = wilson_interval(sum(values), n, z)
+    elif stderr is not None:
+        low, high = mean - z * stderr, mean + z * stderr
+    else:
+        low = high = None
+    return {"mean": mean, "stderr": stderr, "low": low, "high": high, "n": n}
