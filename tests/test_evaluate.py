@@ -280,7 +280,7 @@ def test_eval_config_round_trips_and_rejects_unknown_keys() -> None:
     cfg = EvalConfig(tasks=["knowledge", "sst2"], limit=0, chat_template=True)
     assert EvalConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.run_label == "base"
-    with pytest.raises(ConfigError, match="unknown eval setting"):
+    with pytest.raises(ConfigError, match=r"eval settings: unknown key\(s\) \['modle'\]"):
         EvalConfig.from_dict({"modle": "x"})
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loramoe.config import BINARY_TASK_NAMES
 from loramoe.data.formats import (
-    DEFAULT_TASK_NAMES,
     Example,
     check_task_names,
     dataset_rows,
@@ -29,7 +29,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def parse_file(path: Path, **kw) -> list[Example]:
     rows, _ = read_records(path, skip_invalid=kw.get("skip_invalid", False))
-    kw.setdefault("task_names", DEFAULT_TASK_NAMES)
+    kw.setdefault("task_names", BINARY_TASK_NAMES)
     return parse_records(rows, source=path.name, **kw)[0]
 
 
@@ -126,9 +126,9 @@ def test_datasets_rows_are_named_by_index():
     )
     ds = datasets.Dataset.from_list([good, good, bad])
     with pytest.raises(DataError, match=r"^mine\[2\] field 'completion': empty answer"):
-        parse_records(dataset_rows(ds, "mine"), task_names=DEFAULT_TASK_NAMES)
+        parse_records(dataset_rows(ds, "mine"), task_names=BINARY_TASK_NAMES)
     examples, skipped, _ = parse_records(
-        dataset_rows(ds, "mine"), task_names=DEFAULT_TASK_NAMES, skip_invalid=True
+        dataset_rows(ds, "mine"), task_names=BINARY_TASK_NAMES, skip_invalid=True
     )
     assert len(examples) == 2 and skipped == 1 and examples[0].answer == "b"
 
@@ -170,7 +170,7 @@ def test_source_task_type_overrides_the_records_own(tmp_path):
         {"prompt": "p", "completion": "c"}
     ]
     rows_read, _ = read_records(write_jsonl(tmp_path / "o.jsonl", rows))
-    examples, _, overridden = parse_records(rows_read, task_names=DEFAULT_TASK_NAMES, task_type=1)
+    examples, _, overridden = parse_records(rows_read, task_names=BINARY_TASK_NAMES, task_type=1)
     assert [e.task_type for e in examples] == [1, 1, 1, 1] and overridden == 1
 
 
@@ -179,7 +179,7 @@ def test_task_names_are_validated():
     for bad in ([], "ab", ["a", "a"], ["a", ""], [1, 2]):
         with pytest.raises(ConfigError):
             check_task_names(bad)
-    assert resolve_task_type("knowledge", DEFAULT_TASK_NAMES) == 1
+    assert resolve_task_type("knowledge", BINARY_TASK_NAMES) == 1
 
 
 # --- files and errors ---------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_skip_invalid_counts_malformed_lines_and_bad_records(tmp_path, caplog):
     )
     rows, malformed = read_records(path, skip_invalid=True)
     with caplog.at_level("WARNING", logger="loramoe.data"):
-        examples, invalid, _ = parse_records(rows, task_names=DEFAULT_TASK_NAMES, skip_invalid=True)
+        examples, invalid, _ = parse_records(rows, task_names=BINARY_TASK_NAMES, skip_invalid=True)
     assert (len(examples), malformed, invalid) == (2, 1, 1)
     assert "mixed.jsonl:3 field 'completion': empty answer" in caplog.text
 

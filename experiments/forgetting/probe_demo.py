@@ -32,6 +32,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from loramoe.models.base import load_base
+    from loramoe.models.bundled import DEFAULT_MODEL
     from loramoe.models.trained import load_trained
 
     sets_file = OUT / "eval_sets.json"
@@ -42,7 +43,7 @@ def main() -> int:
     sets = {k: v for k, v in json.loads(sets_file.read_text()).items() if k in ("trec", "rome", "lama")}
     results = {}
     for name in ("base", "lora", "loramoe"):
-        model, tok = load_base("smollm2-135m-instruct") if name == "base" else load_trained(args.demo / name)
+        model, tok = load_base(DEFAULT_MODEL) if name == "base" else load_trained(args.demo / name)
         results[name] = evaluate(model, tok, sets)["scores"]
         print(name, results[name], flush=True)
     demo = json.loads((args.demo / "demo_results.json").read_text())

@@ -262,6 +262,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from loramoe.models.base import load_base
+    from loramoe.models.bundled import DEFAULT_MODEL
     from loramoe.models.trained import load_trained
     from loramoe.training.run_config import RunConfig
     from loramoe.training.train import train
@@ -280,11 +281,11 @@ def main() -> int:
     base_dir.mkdir(exist_ok=True)
     if (base_dir / "eval.json").exists():
         if _claim(base_dir):
-            top_up(base_dir, sets, lambda: load_base("smollm2-135m-instruct"))
+            top_up(base_dir, sets, lambda: load_base(DEFAULT_MODEL))
     elif _claim(base_dir):
         log.info("eval base")
         t0 = time.time()
-        model, tok = load_base("smollm2-135m-instruct")
+        model, tok = load_base(DEFAULT_MODEL)
         res = evaluate(model, tok, sets)
         res.update(
             run="base", method="base", size=0, eval_seconds=round(time.time() - t0, 1), threads=args.threads

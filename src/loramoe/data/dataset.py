@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from loramoe.data.formats import DEFAULT_TASK_NAMES, Example, check_task_names
+from loramoe.config import BINARY_TASK_NAMES
+from loramoe.data.formats import Example, check_task_names
 from loramoe.data.sources import TEMPLATES, DataConfig, load_source, mix_examples
 from loramoe.errors import DataError
 from loramoe.validation import is_int, require
@@ -169,7 +170,7 @@ class BuiltData(NamedTuple):
 
 
 def build_dataset(
-    data_cfg: DataConfig, tokenizer: Any, task_names: Sequence[str] = DEFAULT_TASK_NAMES
+    data_cfg: DataConfig, tokenizer: Any, task_names: Sequence[str] = BINARY_TASK_NAMES
 ) -> BuiltData:
     """Load every source, draw the mixture, tokenise with answer-only labels, hold out the validation split.
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from loramoe.config import BINARY_TASK_NAMES
 from loramoe.errors import ConfigError, DataError
-
-DEFAULT_TASK_NAMES: tuple[str, ...] = ("downstream", "knowledge")
 
 # format -> the keys that identify it (checked in this order by detect_format).
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -79,7 +78,7 @@ def check_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
         ConfigError: not a non-empty list of distinct non-empty strings.
     """
     if isinstance(task_names, str) or not isinstance(task_names, Sequence) or not task_names:
-        raise ConfigError(f"task_names must be a non-empty list of names, e.g. {list(DEFAULT_TASK_NAMES)}")
+        raise ConfigError(f"task_names must be a non-empty list of names, e.g. {list(BINARY_TASK_NAMES)}")
     if not all(isinstance(n, str) and n for n in task_names) or len(set(task_names)) != len(task_names):
         raise ConfigError(f"task_names must be distinct non-empty strings; got {list(task_names)!r}")
     return tuple(task_names)

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramoe.config import BINARY_TASK_NAMES
 from loramoe.data.formats import (
-    DEFAULT_TASK_NAMES,
     FORMATS,
     RECORD_FIELDS,
     Example,
@@ -199,7 +199,7 @@ class DataConfig:
 
 def examples_from_records(
     records: Iterable[Any],
-    task_names: Sequence[str] = DEFAULT_TASK_NAMES,
+    task_names: Sequence[str] = BINARY_TASK_NAMES,
     *,
     name: str = "records",
     **source: Any,
@@ -219,7 +219,7 @@ def examples_from_records(
     return load_source(config, check_task_names(task_names), records=records)[0]
 
 
-def load_examples(source: SourceConfig, task_names: Sequence[str] = DEFAULT_TASK_NAMES) -> list[Example]:
+def load_examples(source: SourceConfig, task_names: Sequence[str] = BINARY_TASK_NAMES) -> list[Example]:
     """All Examples of one source (no sampling), in file order.
 
     Raises:

@@ -24,8 +24,9 @@ import torch
 
 from loramoe.demo.evaluation import evaluate_demo, results_table
 from loramoe.demo.items import TASKS, build_demo_data
-from loramoe.errors import ConfigError
 from loramoe.files import atomic_write_text
+from loramoe.models.bundled import DEFAULT_MODEL
+from loramoe.validation import check_fields, integer, number, optional
 
 METHODS = ("lora", "loramoe")
 
@@ -52,7 +53,7 @@ class DemoConfig:
         threads: CPU threads for torch (None: torch's default); on a machine busy with other work, 1 is faster.
     """
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     output_dir: str = "outputs/demo"
     quick: bool = False
     seed: int = 0
@@ -70,17 +71,21 @@ class DemoConfig:
     def __post_init__(self) -> None:
         defaults = (16, 48, 12, 24) if self.quick else (48, 160, 30, None)
         for name, default in zip(("steps", "train_per_task", "test_per_task", "heldout_facts"), defaults):
-            value = getattr(self, name)
-            if value is None:
+            if getattr(self, name) is None:
                 setattr(self, name, default)
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be an int >= 1 or None, got {self.threads!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        check_fields(
+            self,
+            {
+                "steps": integer(1),
+                "train_per_task": integer(1),
+                "test_per_task": integer(1),
+                "heldout_facts": optional(integer(1)),
+                "learning_rate": number(0, low_open=True),
+                "batch_size": integer(1),
+                "max_new_tokens": integer(1),
+                "threads": optional(integer(1)),
+            },
+        )
 
 
 def run_config(cfg: DemoConfig, method: str, files: dict[str, str]) -> Any:

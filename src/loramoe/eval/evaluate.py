@@ -30,11 +30,22 @@ from typing import Any
 from loramoe.errors import ConfigError
 from loramoe.eval.metrics import mean_interval
 from loramoe.eval.report import SCHEMA, write_results
+from loramoe.models.base import DTYPES
+from loramoe.models.bundled import DEFAULT_MODEL
+from loramoe.validation import boolean, check_fields, from_mapping, integer, one_of, optional, text
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEFAULT_MODEL = "smollm2-135m-instruct"
+_RULES = {
+    "model": optional(text()),
+    "limit": optional(integer(0)),
+    "batch_size": integer(1),
+    "max_new_tokens": optional(integer(1)),
+    "chat_template": (optional(boolean())[0], "true, false or null (when the tokenizer has one)"),
+    "output_dir": (text()[0], "a folder for results.json"),
+    "threads": optional(integer(1)),
+    "dtype": one_of(DTYPES),
+}
 
 
 @dataclass
@@ -85,24 +96,13 @@ class EvalConfig:
         if not self.tasks:
             raise ConfigError("tasks is empty; give a suite (knowledge, downstream, all) or task names")
         expand_tasks(self.tasks)
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ConfigError(f"model must be a model name or directory, got {self.model!r}")
+        check_fields(self, _RULES)
         if self.adapter is not None and not Path(self.adapter).is_dir():
             raise ConfigError(f"adapter directory {self.adapter} does not exist")
-        _check_int("limit", self.limit, 0, optional=True)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("max_new_tokens", self.max_new_tokens, 1, optional=True)
-        if self.chat_template is not None and not isinstance(self.chat_template, bool):
-            raise ConfigError(f"chat_template must be true, false or null (auto), got {self.chat_template!r}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(
                 f"data_dir {self.data_dir} does not exist (it should hold webquestions/, sst2/, ...)"
             )
-        if not self.output_dir:
-            raise ConfigError("output_dir is empty; give a folder for results.json")
-        _check_int("threads", self.threads, 1, optional=True)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON values."""
@@ -111,11 +111,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
         """Build from a dict (YAML/JSON), rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown eval setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, where="eval settings")
 
     @property
     def run_label(self) -> str:
@@ -123,15 +119,6 @@ class EvalConfig:
         if self.label:
             return self.label
         return Path(self.adapter).name if self.adapter else "base"
-
-
-def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(
-            f"{name} must be an integer >= {minimum}{' or null' if optional else ''}, got {value!r}"
-        )
 
 
 def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:

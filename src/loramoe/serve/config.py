@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from loramoe.validation import is_int, is_number, require
+from loramoe.validation import check_fields, integer, is_int, number
 
 API_KEY_ENV = "LORAMOE_API_KEY"
 
@@ -44,23 +44,21 @@ class ServeConfig:
     api_key: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_prompt_tokens", "max_tokens", "max_body_bytes"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        require(
-            is_int(self.max_queue) and self.max_queue >= 0,
-            f"max_queue must be an integer >= 0, got {self.max_queue!r}",
-        )
-        require(
-            is_int(self.port) and 0 <= self.port <= 65535,
-            f"port must be an integer in 0..65535, got {self.port!r}",
-        )
-        require(
-            is_number(self.batch_wait_ms) and self.batch_wait_ms >= 0,
-            f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}",
-        )
-        require(
-            is_number(self.timeout) and self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout!r}"
+        check_fields(
+            self,
+            {
+                "max_batch_size": integer(1),
+                "max_prompt_tokens": integer(1),
+                "max_tokens": integer(1),
+                "max_body_bytes": integer(1),
+                "max_queue": integer(0),
+                "port": (
+                    lambda v: is_int(v) and 0 <= v <= 65535,
+                    "an integer in 0..65535 (0: any free port)",
+                ),
+                "batch_wait_ms": number(0),
+                "timeout": (number(0, low_open=True)[0], "a positive number of seconds"),
+            },
         )
         if not self.api_key:
             self.api_key = os.environ.get(API_KEY_ENV, "")
