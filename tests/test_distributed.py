@@ -73,3 +73,69 @@ def test_two_processes_agree_and_the_saved_adapter_loads(run_dir: Path, launcher
     state = json.loads((run_dir / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert len(loramoe.adapted_modules(model)) == 6
+
+
+FSDP_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fsdp2_two_processes_match_one_process_and_save_a_whole_adapter(tmp_path: Path) -> None:
+    # torch's FSDP2 (fully_shard) with gloo: 2 ranks, each one micro-batch of every global batch, against one
+    # process that runs both micro-batches of every step. The adapter is saved from the sharded parameters
+    # with save_adapter called on every rank, and loaded back into freshly sharded parameters.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", str(FSDP_SCRIPT), str(tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(FSDP_SCRIPT), str(tmp_path / "one")], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sharded = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
+    single = json.loads((tmp_path / "one" / "losses.json").read_text())
+    assert len(sharded) == 4 and sharded[-1] < sharded[0]
+    # Same data and order; FSDP's gradient average and the single process's mean of two losses round alike
+    # here (measured: bit-identical), so the tolerance only allows for another summation order.
+    torch.testing.assert_close(torch.tensor(sharded), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    for name in ("step2", "final"):
+        model = loramoe.load_adapter(tiny_model("llama"), tmp_path / "fsdp" / name)  # loads on one process
+        assert len(loramoe.adapted_modules(model)) == 6
+        got = load_file(str(tmp_path / "fsdp" / name / "adapter_model.safetensors"))
+        want = load_file(str(tmp_path / "one" / name / "adapter_model.safetensors"))
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not list((tmp_path / "fsdp").glob("*/*.tmp*"))  # rank 1 wrote nothing, not even a temporary file
+    for rank in (0, 1):  # the saved file, loaded into sharded parameters, is what every rank holds
+        assert (
+            json.loads((tmp_path / "fsdp" / f"reloaded.rank{rank}.json").read_text())["max_abs_diff"] == 0.0
+        )
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_a_sharding_config_that_accelerate_replaces_on_the_cpu_is_refused(monkeypatch, engine: str) -> None:
+    from accelerate import DistributedType
+
+    from loramoe.errors import ConfigError
+    from loramoe.training.train import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(ConfigError, match=f"asks for {engine}.*runs this job as MULTI_CPU.*never on the CPU"):
+        check_launch(DistributedType.MULTI_CPU)
+    check_launch(DistributedType[engine])  # what it asked for: accepted
+    monkeypatch.delenv(f"ACCELERATE_USE_{engine}")
+    with pytest.raises(ConfigError, match="connected none of them.*use_cpu: true"):
+        check_launch(DistributedType.NO)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_fsdp_config_names_why_it_cannot_shard_on_the_cpu(run_dir: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", str(SCRIPT), str(run_dir / "cfg.yaml"),
+           str(run_dir / "dump")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "asks for FSDP, but accelerate runs this job as MULTI_CPU" in proc.stderr
+    assert not (run_dir / "out" / "adapter_model.safetensors").exists()

@@ -22,10 +22,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loramoe.config import LoRAMoEConfig
-from loramoe.errors import AdapterError, ConfigError
+from loramoe.errors import AdapterError, ConfigError, TrainingError
 from loramoe.files import atomic_path, atomic_write_text, sha256_file
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
 
@@ -59,25 +61,71 @@ def base_identity(model: nn.Module) -> dict[str, object]:
     return identity
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """File-format tensors (``M.lora_A``, ``M.lora_B``, ``M.router``), contiguous, on the CPU."""
+FILE_KEYS = {"loramoe_A": "lora_A", "loramoe_B": "lora_B", "loramoe_router": "router"}  # parameter -> file
+
+
+def adapter_state_dict(
+    model: nn.Module, model_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """File-format tensors (``M.lora_A``, ``M.lora_B``, ``M.router``), whole, contiguous, on the CPU.
+
+    Args:
+        model: an adapted model. Parameters sharded by FSDP2 (``DTensor``) are gathered: a collective, so every
+            rank must call this.
+        model_state: the model's full ``state_dict`` already gathered by a training engine (the Trainer's save
+            under FSDP or DeepSpeed ZeRO-3); the adapter tensors are taken from it instead of the parameters.
+
+    Raises:
+        TrainingError: a tensor is not whole (a partitioned ZeRO-3 parameter, an empty placeholder): no adapter is
+            written from a part.
+    """
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapted_modules(model).items():
-        state[f"{name}.lora_A"] = layer.loramoe_A.detach().cpu().contiguous()
-        state[f"{name}.lora_B"] = layer.loramoe_B.detach().cpu().contiguous()
-        state[f"{name}.router"] = layer.loramoe_router.detach().cpu().contiguous()
+        for param_name, file_name in FILE_KEYS.items():
+            param = getattr(layer, param_name)
+            if model_state is not None:
+                tensor = model_state[_state_key(model_state, f"{name}.{param_name}")]
+            else:
+                tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            if tuple(tensor.shape) != tuple(param.shape) or tensor.numel() == 0:
+                raise TrainingError(
+                    f"{name}.{param_name} has shape {tuple(tensor.shape)}, the layer needs {tuple(param.shape)}: "
+                    "the parameter is partitioned and was not gathered (DeepSpeed ZeRO-3: set "
+                    "zero3_save_16bit_model: true in the accelerate config); the adapter was not written"
+                )
+            state[f"{name}.{file_name}"] = tensor.detach().cpu().contiguous()
     return state
 
 
+def _state_key(model_state: dict[str, torch.Tensor], key: str) -> str:
+    """``key`` as it appears in an engine's state dict (which may keep a wrapper prefix such as ``module.``)."""
+    if key in model_state:
+        return key
+    matches = [k for k in model_state if k.endswith("." + key)]
+    if len(matches) != 1:
+        raise TrainingError(
+            f"the model state gathered for saving has no single entry for {key} (found {matches[:3]}); with "
+            "DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config. The adapter was not written"
+        )
+    return matches[0]
+
+
 def save_adapter(
-    model: nn.Module, out_dir: str | os.PathLike, *, base_name_or_path: str | None = None
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_name_or_path: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the adapter of ``model`` to ``out_dir`` (created if needed), each file atomically.
+
+    Under FSDP2 (sharded parameters) call it on every rank: the shards are gathered and only rank 0 writes.
 
     Args:
         model: an adapted model.
         out_dir: destination directory.
         base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
+        model_state: a full ``state_dict`` gathered by a training engine (see ``adapter_state_dict``).
 
     Returns:
         The directory.
@@ -85,13 +133,16 @@ def save_adapter(
     from safetensors.torch import save_file
 
     cfg = get_config(model)
+    tensors = adapter_state_dict(model, model_state)  # gathers on every rank before any rank returns
+    if dist.is_initialized() and dist.get_rank() != 0 and _is_sharded(model):
+        return Path(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = base_identity(model)
     if base_name_or_path is not None:
         identity["name_or_path"] = str(base_name_or_path)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
         digest = sha256_file(tmp)
     meta = {
         "format": "loramoe",
@@ -231,7 +282,12 @@ def _read_weights(adapter_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    layers = adapted_modules(model)
+    expected = {
+        f"{name}.{file_name}": tuple(getattr(layer, param_name).shape)
+        for name, layer in layers.items()
+        for param_name, file_name in FILE_KEYS.items()
+    }
     problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(state))]
     problems += [f"unexpected tensor {k}" for k in sorted(set(state) - set(expected))]
     problems += [
@@ -243,10 +299,16 @@ def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Pat
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise AdapterError(f"{weights}: does not fit this model: {shown}")
     with torch.no_grad():
-        for name, layer in adapted_modules(model).items():
-            layer.loramoe_A.copy_(state[f"{name}.lora_A"])
-            layer.loramoe_B.copy_(state[f"{name}.lora_B"])
-            layer.loramoe_router.copy_(state[f"{name}.router"])
+        for name, layer in layers.items():
+            for param_name, file_name in FILE_KEYS.items():
+                param, value = getattr(layer, param_name), state[f"{name}.{file_name}"]
+                if isinstance(param, DTensor):  # FSDP2: each rank keeps its own shard of the whole tensor
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                param.copy_(value)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in adapter_parameters(model).values())
 
 
 def _uninject(model: nn.Module) -> None:

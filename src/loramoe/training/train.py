@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,9 @@ class LoRAMoETrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
-        save_adapter(model, output_dir, base_name_or_path=getattr(model, "name_or_path", None))
+        # Under FSDP and DeepSpeed ZeRO-3 the Trainer passes the state it gathered from the shards.
+        name = getattr(model, "name_or_path", None)
+        save_adapter(model, output_dir, base_name_or_path=name, model_state=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -208,7 +211,36 @@ def build_trainer(run: RunConfig) -> LoRAMoETrainer:
         callbacks=[CompleteCheckpointCallback()],
     )
     trainer.data_stats = built.stats
+    check_launch(trainer.accelerator.distributed_type)
     return trainer
+
+
+def check_launch(kind: Any) -> None:
+    """Refuse a launch that accelerate would silently run otherwise than it was asked to.
+
+    Args:
+        kind: the ``accelerate.DistributedType`` accelerate chose for this process.
+
+    Raises:
+        ConfigError: several processes left unconnected (each would train alone and overwrite the others'
+            files), or an FSDP / DeepSpeed config that accelerate replaced by plain data parallelism. accelerate
+            (1.16, ``state.py``) enables FSDP and DeepSpeed only on accelerators; on the CPU it runs DDP over gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and kind.value == "NO":
+        raise ConfigError(
+            f"{world} processes were launched but accelerate connected none of them (no GPU was found and "
+            "training.use_cpu is not set): each would train alone and overwrite the others' output. Set "
+            "training.use_cpu: true to train them together on the CPU (DDP over gloo)"
+        )
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and kind.value != engine:
+            raise ConfigError(
+                f"the accelerate config asks for {engine}, but accelerate runs this job as {kind.value}: it enables "
+                f"{engine} only on accelerators (CUDA, XPU, NPU, ...), never on the CPU. On the CPU launch with "
+                "examples/accelerate/ddp.yaml; sharded training on the CPU is tested with torch's own FSDP2 "
+                "(tests/scripts/fsdp_train.py)"
+            )
 
 
 def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
