@@ -1,4 +1,4 @@
-"""Two real processes on the CPU (gloo): torchrun and accelerate launch train the same adapter on every rank."""
+"""Two real processes on the CPU (gloo): DDP through torchrun and accelerate launch, and FSDP2 (fully_shard)."""
 
 from __future__ import annotations
 
