@@ -8,7 +8,7 @@ import torch
 from loramoe.errors import TrainingError
 from loramoe.inject import adapted_modules
 from loramoe.loss import compute_loss
-from loramoe.routing import RouterRecorder, group_mass, routing_stats
+from loramoe.routing import RouterRecorder, group_mass, per_sample_mean, routing_sums
 
 from tiny import adapted_llama, tiny_model
 
@@ -175,17 +175,25 @@ def expected_row(probs_TN: torch.Tensor, groups: list[int]) -> torch.Tensor:
     return torch.stack(per_group, -1).mean(0)
 
 
-def test_routing_stats_reports_each_present_task_type():
+def test_routing_sums_add_up_per_task_type_without_leaving_the_device():
     probs = {"a": torch.softmax(torch.randn(3, 4, 4), -1), "b": torch.softmax(torch.randn(3, 4, 4), -1)}
-    stats = routing_stats(
-        probs, torch.tensor([0, 0, 0]), group_of_expert=[0, 0, 1, 1], task_names=("downstream", "knowledge")
-    )
-    assert set(stats) == {
-        "router/downstream/mass_downstream",
-        "router/downstream/mass_knowledge",
-        "router/downstream/entropy",
-    }
-    assert stats["router/downstream/mass_downstream"] + stats[
-        "router/downstream/mass_knowledge"
-    ] == pytest.approx(1)
-    assert 0 < stats["router/downstream/entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    types = torch.tensor([0, 1, 1])
+    sums = routing_sums(probs, types, group_of_expert=[0, 0, 1, 1], num_types=3, mask_BT=mask)
+    assert sums["count"].tolist() == [1, 2, 0]  # a type absent from the batch counts 0
+    mass_BG = torch.stack([group_mass(p, [0, 0, 1, 1], mask) for p in probs.values()]).mean(0)
+    torch.testing.assert_close(sums["mass"][0], mass_BG[0])
+    torch.testing.assert_close(sums["mass"][1], mass_BG[1] + mass_BG[2])
+    torch.testing.assert_close(sums["mass"].sum(-1), sums["count"])  # each sample's masses sum to 1
+    entropy_BT = torch.stack([-(p * p.log()).sum(-1) for p in probs.values()]).mean(0)
+    expected = [entropy_BT[0].mean(), entropy_BT[1, :2].mean() + entropy_BT[2, :1].mean()]
+    torch.testing.assert_close(sums["entropy"][:2], torch.stack(expected))
+    assert 0 < sums["entropy"][0] <= torch.log(torch.tensor(4.0)) + 1e-6
+
+
+def test_per_sample_mean_leaves_masked_positions_out():
+    values = torch.tensor([[1.0, 3.0, 100.0], [2.0, 4.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert per_sample_mean(values, mask).tolist() == [2.0, 4.0]
+    assert per_sample_mean(values).tolist() == pytest.approx([104 / 3, 4.0])
+    assert per_sample_mean(values.unsqueeze(-1).expand(2, 3, 2), mask).tolist() == [[2.0, 2.0], [4.0, 4.0]]

@@ -15,9 +15,11 @@ from loramoe.cli import main
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, TrainingError
 from loramoe.models.trained import load_trained
+from loramoe.training.baselines import matched_lora_rank
 from loramoe.training.checkpoints import latest_good_checkpoint
 from loramoe.training.run_config import RUN_CONFIG_NAME, RunConfig
-from loramoe.training.train import check_parameters_finite, matched_lora_rank, train
+from loramoe.training.train import train
+from loramoe.training.trainer import check_parameters_finite
 
 from tiny import tiny_model, tiny_tokenizer
 

@@ -84,47 +84,50 @@ def group_mass(
     Returns:
         ``(B, K)`` float32, rows sum to 1.
     """
-    groups = torch.as_tensor(group_of_expert, device=probs_BTN.device)
-    onehot_NK = torch.nn.functional.one_hot(groups).to(torch.float32)  # (N, K)
-    per_token_BTK = probs_BTN.float() @ onehot_NK
-    if mask_BT is None:
-        return per_token_BTK.mean(dim=1)
-    m = mask_BT.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-    return (per_token_BTK * m).sum(1) / m.sum(1).clamp_min(1.0)
+    # Built on the CPU from the list, so that no group count is read back from the device.
+    groups = torch.as_tensor(list(group_of_expert))
+    onehot_NK = torch.nn.functional.one_hot(groups, int(groups.max()) + 1).to(probs_BTN.device, torch.float32)
+    return per_sample_mean(probs_BTN.float() @ onehot_NK, mask_BT)
 
 
-def routing_stats(
+def routing_sums(
     probs: dict[str, torch.Tensor],
     task_types_B: torch.Tensor,
     *,
     group_of_expert: list[int],
-    task_names: tuple[str, ...],
+    num_types: int,
     mask_BT: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Per task type: mean mass on each expert group and mean router entropy, averaged over layers.
+) -> dict[str, torch.Tensor]:
+    """Per task type, sums over the batch's samples of the router mass on each expert group and of the router
+    entropy (each sample's mean over its positions and the layers), and the number of samples.
 
-    Keys look like ``router/knowledge/mass_knowledge`` and ``router/downstream/entropy``, ready for
-    ``Trainer.log``. Types absent from the batch are left out.
+    Sums, not means, so that batches add up; everything stays on the probabilities' device (no host read), so a
+    training step can call this every step and a logger divide once per log.
+
+    Returns:
+        ``mass`` ``(K, G)``, ``entropy`` ``(K,)``, ``count`` ``(K,)``, all float32; K task types, G expert groups.
     """
-    out: dict[str, float] = {}
     with torch.no_grad():
-        layer_mass = torch.stack(
-            [group_mass(p, group_of_expert, mask_BT) for p in probs.values()]
-        )  # (L, B, K)
-        entropy_LBT = torch.stack(
+        first = next(iter(probs.values()))
+        mass_BG = torch.stack([group_mass(p, group_of_expert, mask_BT) for p in probs.values()]).mean(0)
+        entropy_BT = torch.stack(
             [-(p.float() * p.float().clamp_min(1e-12).log()).sum(-1) for p in probs.values()]
-        )
-        if mask_BT is None:
-            entropy_B = entropy_LBT.mean(dim=(0, 2))
-        else:
-            m = mask_BT.to(torch.float32)
-            entropy_B = (entropy_LBT * m).sum(-1).mean(0) / m.sum(-1).clamp_min(1.0)
-        mass_BK = layer_mass.mean(0)
-        for k, type_name in enumerate(task_names):
-            rows = task_types_B == k
-            if not bool(rows.any()):
-                continue
-            for g, group_name in enumerate(task_names):
-                out[f"router/{type_name}/mass_{group_name}"] = float(mass_BK[rows, g].mean())
-            out[f"router/{type_name}/entropy"] = float(entropy_B[rows].mean())
-    return out
+        ).mean(0)
+        entropy_B = per_sample_mean(entropy_BT, mask_BT)
+        types = torch.arange(num_types, device=first.device)
+        onehot_BK = (task_types_B.to(first.device).unsqueeze(1) == types).to(torch.float32)
+        return {"mass": onehot_BK.T @ mass_BG, "entropy": onehot_BK.T @ entropy_B, "count": onehot_BK.sum(0)}
+
+
+def per_sample_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean over its positions: ``(B, T, ...)`` -> ``(B, ...)``; masked positions (0) left out.
+
+    The LBC, the routing statistics and the routing analysis all weigh samples this way, so a long sample does
+    not outvote short ones.
+    """
+    values_BT = values_BT.float()
+    if mask_BT is None:
+        return values_BT.mean(dim=1)
+    m = mask_BT.to(torch.float32)
+    m = m.reshape(*m.shape, *([1] * (values_BT.dim() - 2)))
+    return (values_BT * m).sum(1) / m.sum(1).clamp_min(1.0)
