@@ -18,6 +18,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -57,10 +58,13 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    done: bool = False  # its Finish or Failed was sent
 
     def send(self, event: str | Finish | Failed) -> None:
         """Called on the worker thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.done = self.done or not isinstance(event, str)
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def stream(self) -> AsyncIterator[str | Finish | Failed]:
         """The events in order, ending with the ``Finish`` or ``Failed``."""
@@ -97,10 +101,15 @@ class Batcher:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self.running = 0  # requests in the batch being decoded
+        self._batch: list[Job] = []  # the batch being decoded
         self.batches = 0  # batches decoded so far
         self._thread = threading.Thread(target=self._work, name="loramoe-serve-decoder", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> int:
+        """Requests of the batch being decoded that are not answered yet."""
+        return sum(not (job.done or job.cancelled) for job in self._batch)
 
     @property
     def waiting(self) -> int:
@@ -140,15 +149,15 @@ class Batcher:
             batch = self._gather()
             if batch is None:
                 return
-            self.running = len(batch)
+            self._batch = batch
             try:
                 self.decoder.run([job.generation() for job in batch])
             except Exception as err:  # a failed batch answers its requests; the server keeps serving
                 logger.exception("decoding a batch of %d failed", len(batch))
-                for job in batch:
+                for job in (job for job in batch if not job.done):
                     job.send(Failed(f"generation failed: {type(err).__name__}: {err}"))
             finally:
-                self.running = 0
+                self._batch = []
                 self.batches += 1
 
     def _gather(self) -> list[Job] | None:

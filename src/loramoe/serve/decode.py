@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,13 @@ from loramoe.routing import RouterRecorder
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for the first bytes of a character still being generated
+# Generation-config settings that change greedy output under ``model.generate`` but are not applied here.
+UNAPPLIED_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                      "begin_suppress_tokens", "min_new_tokens", "min_length", "forced_bos_token_id",
+                      "forced_eos_token_id", "sequence_bias")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,7 @@ class Decoder:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._last_logits_only = "logits_to_keep" in params
         self.has_router = bool(adapted_modules(model))
+        _warn_unapplied(model)
         if self.has_router:
             cfg = get_config(model)
             self.group_names = tuple(cfg.task_names)
@@ -252,6 +260,17 @@ class Decoder:
                 )
                 tokens_b[row] = torch.multinomial(probs_V, 1, generator=generator)[0]
         return tokens_b
+
+
+def _warn_unapplied(model: PreTrainedModel) -> None:
+    config = getattr(model, "generation_config", None)
+    changed = [n for n in UNAPPLIED_SETTINGS if getattr(config, n, None) not in (None, 0, 1.0, [], ())]
+    if changed:
+        logger.warning(
+            "the model's generation config sets %s, which the server does not apply; its answers can differ "
+            "from model.generate's",
+            ", ".join(changed),
+        )
 
 
 def _top_p(probs_V: torch.Tensor, top_p: float) -> torch.Tensor:
