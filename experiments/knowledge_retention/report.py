@@ -1,0 +1,238 @@
+"""Tables and figure of the knowledge-retention experiment from the committed results (``results/*.json``).
+
+Writes the block between ``<!-- kr:begin -->`` and ``<!-- kr:end -->`` in docs/results.md and
+``docs/figures/knowledge_retention.png``. Every figure has a 95 % interval: a suite's score its Wilson interval
+(ROUGE-L a normal one); a retention ratio (a run's CBQA / the same method's knowledge-only run's, on the same items)
+and the downstream mean a bootstrap over items.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
+
+from run import GROUPS_OFF, METHODS, SIZES, queue, item_key, parse_run  # noqa: E402
+from scoring import decode_values, paired_ratio  # noqa: E402
+from sets import CBQA  # noqa: E402
+
+DOWN = ["sst2", "rte", "boolq", "agnews", "xsum"]
+LABEL = {
+    "lora": "LoRA (rank 24)",
+    "loramoe_lbc": "LoRAMoE + LBC",
+    "loramoe_top2": "LoRAMoE top-2 + strong LBC",
+    "full": "full FT",
+    "loramoe_nolbc": "LoRAMoE w/o LBC",
+}
+BEGIN, END = "<!-- kr:begin -->", "<!-- kr:end -->"
+DRAWS = 2000
+
+
+def load(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(results.glob("*.json"))}
+
+
+def values(rec: dict, suite: str) -> list[float]:
+    return decode_values(rec["scores"][suite]["values"])
+
+
+def cbqa_values(rec: dict) -> list[float]:
+    """Every CBQA item of the three suites, pooled (WebQuestions, EfficientQA, TREC)."""
+    return [v for s in CBQA for v in values(rec, s)]
+
+
+def down_mean(rec: dict, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the five downstream suites' scores, with a bootstrap interval (each suite's items resampled)."""
+    per = [values(rec, s) for s in DOWN]
+    mean = sum(sum(v) / len(v) for v in per) / len(per)
+    rng = random.Random(seed)
+    stats = sorted(
+        sum(sum(v[rng.randrange(len(v))] for _ in v) / len(v) for v in per) / len(per) for _ in range(DRAWS // 4)
+    )
+    return mean, stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
+
+
+def pooled(vals: list[float]) -> tuple[float, float, float]:
+    from scoring import wilson
+
+    lo, hi = wilson(sum(vals), len(vals))
+    return sum(vals) / len(vals), lo, hi
+
+
+def fmt(x: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def run_rows(res: dict[str, dict]) -> list[dict]:
+    """One row per finished run: its CBQA (pooled and per suite), retention vs its knowledge-only run, downstream."""
+    rows = []
+    for name, rec in res.items():
+        if rec.get("item") != name or name == "base" or "__" in name:
+            continue
+        method, size, suffix = parse_run(name)
+        ref = res.get(f"{method}_d0{suffix}") or res.get(f"{method}_d0")
+        row = {"name": name, "method": method, "size": size, "seed": rec["seed"], "rec": rec,
+               "cbqa": pooled(cbqa_values(rec)), "down": down_mean(rec)}  # fmt: skip
+        if ref is not None and size:
+            r = paired_ratio(cbqa_values(rec), cbqa_values(ref), draws=DRAWS)
+            row["retention"] = (r["ratio"], r["lo"], r["hi"])
+            w = paired_ratio(values(rec, "webq"), values(ref, "webq"), draws=DRAWS)
+            row["retention_webq"] = (w["ratio"], w["lo"], w["hi"])
+        rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (order[r["method"]], r["size"], r["seed"]))
+
+
+def tables(res: dict[str, dict]) -> str:
+    rows = run_rows(res)
+    lines = []
+    todo = [item_key(i) for i in queue() if item_key(i) not in res]
+    lines.append(
+        f"**Partial: {len(res)} of {len(queue())} queue items finished** "
+        f"(remaining, in order: {', '.join(todo) if todo else 'none'})."
+    )
+    lines.append("")
+    lines.append(
+        "CBQA = closed-book QA in the knowledge SFT's format, pooled over WebQuestions test, EfficientQA dev and TREC "
+        "curated-test (each item counts once); retention = CBQA after knowledge + downstream SFT / CBQA after the same "
+        "method's knowledge-only run (downstream 0), on the same items (paired bootstrap interval). Downstream = mean "
+        "of SST-2, RTE, BoolQ, AG News accuracy and XSum ROUGE-L on held-out rows. 95 % intervals in brackets."
+    )
+    lines.append("")
+    lines.append("| method | downstream n | seed | steps | CBQA | retention | WebQ | WebQ retention | EfficientQA | TREC | downstream |")
+    lines.append("|---|---:|---:|---:|---|---|---|---|---|---|---|")
+    if "base" in res:
+        b = res["base"]
+        s = b["scores"]
+        lines.append(
+            f"| base (no SFT) | - | - | 0 | {fmt(*pooled(cbqa_values(b)))} | - | "
+            f"{fmt(s['webq']['score'], s['webq']['lo'], s['webq']['hi'])} | - | "
+            f"{fmt(s['efficientqa']['score'], s['efficientqa']['lo'], s['efficientqa']['hi'])} | "
+            f"{fmt(s['trec']['score'], s['trec']['lo'], s['trec']['hi'])} | {fmt(*down_mean(b))} |"
+        )
+    for r in rows:
+        s = r["rec"]["scores"]
+        ret = fmt(*r["retention"], 2) if "retention" in r else "(reference)"
+        retw = fmt(*r["retention_webq"], 2) if "retention_webq" in r else "-"
+        lines.append(
+            f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | {r['rec']['train']['steps']} | {fmt(*r['cbqa'])} | "
+            f"{ret} | {fmt(s['webq']['score'], s['webq']['lo'], s['webq']['hi'])} | {retw} | "
+            f"{fmt(s['efficientqa']['score'], s['efficientqa']['lo'], s['efficientqa']['hi'])} | "
+            f"{fmt(s['trec']['score'], s['trec']['lo'], s['trec']['hi'])} | {fmt(*r['down'])} |"
+        )
+    lines.append("")
+    lines.append("Probes and per-task downstream scores (95 % intervals in the JSON):")
+    lines.append("")
+    probes = ["rome", "lama", "facts", *DOWN]
+    lines.append("| run | " + " | ".join(probes) + " |")
+    lines.append("|---|" + "---:|" * len(probes))
+    for name in ["base", *[r["name"] for r in rows]]:
+        if name in res:
+            s = res[name]["scores"]
+            lines.append(f"| {name} | " + " | ".join(f"{s[p]['score']:.3f}" for p in probes) + " |")
+    lines += ["", *group_off_table(res), "", *routing_table(res), "", *cost_lines(res)]
+    return "\n".join(lines)
+
+
+def group_off_table(res: dict[str, dict]) -> list[str]:
+    done = [k for k in res if "__" in k]
+    if not done:
+        return ["Expert groups switched off: no run evaluated yet (queued after the LoRAMoE runs)."]
+    lines = [
+        "Expert groups switched off at inference (`loramoe.disable_experts`; the router renormalised over the other "
+        "group). If the groups specialise as the paper says, each switch hurts its own side more.",
+        "",
+        "| run | experts on | CBQA | WebQ | downstream | SST-2 | AG News |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted({res[k]["run"] for k in done}):
+        if run not in res:
+            continue
+        for label, rec in [("all", res[run]), *[(f"{g} off", res.get(f"{run}__{g}_off")) for g in GROUPS_OFF]]:
+            if rec is None:
+                continue
+            s = rec["scores"]
+            lines.append(
+                f"| {run} | {label} | {fmt(*pooled(cbqa_values(rec)))} | "
+                f"{fmt(s['webq']['score'], s['webq']['lo'], s['webq']['hi'])} | {fmt(*down_mean(rec))} | "
+                f"{s['sst2']['score']:.3f} | {s['agnews']['score']:.3f} |"
+            )
+    return lines
+
+
+def routing_table(res: dict[str, dict]) -> list[str]:
+    rows = [(k, r) for k, r in res.items() if "routing" in r and "__" not in k]
+    if not rows:
+        return []
+    lines = [
+        "Router mass on the knowledge expert group over eval prompts + reference answers (48 per suite; mean over "
+        "layers and positions): CBQA items (knowledge type) vs downstream items. Uniform = 0.5.",
+        "",
+        "| run | CBQA -> knowledge group | downstream -> knowledge group |",
+        "|---|---:|---:|",
+    ]
+    for k, r in rows:
+        t = r["routing"]["types"]
+        lines.append(f"| {k} | {t['knowledge']['knowledge']:.3f} | {t['downstream']['knowledge']:.3f} |")
+    return lines
+
+
+def cost_lines(res: dict[str, dict]) -> list[str]:
+    train = sum(((r.get("train") or {}).get("seconds") or {}).get("cpu", 0) for r in res.values())
+    ev = sum(r["eval_seconds"]["cpu"] for r in res.values())
+    return [f"Compute so far: {train / 3600:.1f} CPU-hours of training and {ev / 3600:.1f} of evaluation "
+            f"(one torch thread per process; per-item figures in `experiments/knowledge_retention/results/`)."]  # fmt: skip
+
+
+def figure(res: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in run_rows(res) if r["seed"] == 42]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, method in enumerate(METHODS):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size"])
+        if not mine:
+            continue
+        xs = [r["size"] + (i - 2) * 40 for r in mine]  # a small offset so intervals do not overlap
+        for ax, key in ((axes[0], "cbqa"), (axes[1], "down")):
+            ys = [r[key][0] for r in mine]
+            err = [[r[key][0] - r[key][1] for r in mine], [r[key][2] - r[key][0] for r in mine]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=LABEL[method])
+    axes[0].set_title("closed-book QA (pooled), 95 % interval")
+    axes[1].set_title("downstream mean, 95 % interval")
+    for ax in axes:
+        ax.set_xlabel("downstream SFT samples (on top of 1,000 knowledge samples)")
+        ax.set_xticks(SIZES)
+    if "base" in res:
+        axes[0].axhline(pooled(cbqa_values(res["base"]))[0], color="grey", ls=":", label="base (no SFT)")
+        axes[1].axhline(down_mean(res["base"])[0], color="grey", ls=":")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: Path) -> None:
+    res = load(results)
+    doc = REPO / "docs" / "results.md"
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text:
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{tables(res)}\n{END}{tail}", encoding="utf-8")
+    figure(res, REPO / "docs" / "figures" / "knowledge_retention.png")
+    print(f"{doc}: {len(res)} results; docs/figures/knowledge_retention.png")
+
+
+if __name__ == "__main__":
+    report(HERE / "results")

@@ -1,0 +1,98 @@
+"""Scoring for the knowledge-retention experiment: every suite's score with its 95 % interval and per-item values.
+
+``score_sets`` is the one place the driver evaluates a model. It scores with the package's evaluation engine
+(``loramoe.eval.engine``) and ``experiments/forgetting``'s task table (the same generation settings, metrics and
+log-likelihood ranking as round 1), and keeps each item's value, so intervals and paired comparisons between runs
+can be computed later from the committed results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from evaluator import MAX_NEW_TOKENS, TASKS  # experiments/forgetting/evaluator.py: round 1's task table
+
+log = logging.getLogger("knowledge_retention")
+
+# WebQuestions test is scored like EfficientQA: a gold alias contained in the generated answer
+SUITES = {**TASKS, "webq": TASKS["efficientqa"]}
+assert SUITES["webq"].max_new_tokens == MAX_NEW_TOKENS
+CHAT_RANKED = {"sst2", "rte", "boolq", "agnews"}  # label words under the chat template; rome / lama: plain cloze
+Z = 1.959964
+
+
+def wilson(k: float, n: int) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + Z * Z / n
+    mid = (p + Z * Z / (2 * n)) / den
+    half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """95 % normal interval of a mean (continuous scores: ROUGE-L)."""
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1))
+    return (m - Z * sd / math.sqrt(n), m + Z * sd / math.sqrt(n))
+
+
+def encode_values(values: Sequence[float], binary: bool) -> str | list[float]:
+    """Per-item values, compact for JSON: a 0/1 string for accuracies, rounded floats otherwise."""
+    return "".join("1" if v else "0" for v in values) if binary else [round(v, 4) for v in values]
+
+
+def decode_values(stored: str | list[float]) -> list[float]:
+    return [float(c) for c in stored] if isinstance(stored, str) else list(stored)
+
+
+def summary(values: Sequence[float], binary: bool) -> dict[str, Any]:
+    n = len(values)
+    score = sum(values) / n
+    lo, hi = wilson(sum(values), n) if binary else mean_interval(values)
+    return {"score": score, "n": n, "lo": lo, "hi": hi, "values": encode_values(values, binary)}
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float], *, draws: int = 2000, seed: int = 0) -> dict:
+    """Ratio of two runs' means on the same items, with a 95 % paired-bootstrap interval (items resampled)."""
+    n = len(num)
+    if n != len(den):
+        raise ValueError(f"paired items differ in number: {n} vs {len(den)}")
+    ratio = sum(num) / sum(den) if sum(den) else float("nan")
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        d = sum(den[i] for i in idx)
+        if d:
+            stats.append(sum(num[i] for i in idx) / d)
+    stats.sort()
+    if len(stats) < draws * 0.9:
+        return {"ratio": ratio, "lo": float("nan"), "hi": float("nan")}
+    return {"ratio": ratio, "lo": stats[int(0.025 * len(stats))], "hi": stats[int(0.975 * len(stats)) - 1]}
+
+
+def score_sets(model, tok, sets: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Score ``model`` on every suite of ``sets``: suite -> score, n, 95 % interval, per-item values, seconds."""
+    from loramoe.eval.engine import evaluate
+
+    model.eval()
+    out: dict[str, dict[str, Any]] = {}
+    for suite, items in sets.items():
+        res = evaluate(model, tok, {suite: items}, SUITES, batch_size=16)[suite]
+        extra: dict[str, Any] = {}
+        if not SUITES[suite].by_choice:
+            extra["examples"] = [[it["prompt"][-80:], p] for it, p in zip(items[:3], res.predictions[:3])]
+        elif suite in CHAT_RANKED:
+            extra["pred_dist"] = [res.predictions.count(k) for k in range(len(items[0]["choices"]))]
+        out[suite] = {**summary(res.values, binary=suite != "xsum"), **extra, "seconds": round(res.seconds, 1)}
+        r = out[suite]
+        log.info("  %-12s %.3f [%.3f, %.3f] n=%d (%.0fs)", suite, r["score"], r["lo"], r["hi"], r["n"], r["seconds"])
+    return out
