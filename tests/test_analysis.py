@@ -147,3 +147,23 @@ def test_cli_routing_on_a_saved_adapter(tmp_path, capsys):
     assert "all knowledge" in capsys.readouterr().out
     rc = main(["routing", "--adapter", str(tmp_path / "adapter"), "--data", "x", "--out", str(tmp_path)])
     assert rc == 2
+
+
+def test_cli_routing_with_the_knowledge_group_off_puts_all_mass_on_the_downstream_group(tmp_path):
+    from loramoe.adapter import save_adapter
+
+    model, tok = adapted(), tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    save_adapter(model, tmp_path / "adapter", base_name_or_path=str(base_dir))
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "capital of France?", "answer": "Paris"}\n')
+    args = ["routing", "--adapter", str(tmp_path / "adapter"), "--data", f"qa={data}:knowledge", "--no-plot"]
+    assert main([*args, "--out", str(tmp_path / "off"), "--experts-off", "knowledge"]) == 0
+    mass = json.loads((tmp_path / "off" / "routing.json").read_text())["tasks"]["qa"]["group_mass"]
+    assert mass == {"downstream": pytest.approx(1.0), "knowledge": 0.0}
+    assert main([*args, "--out", str(tmp_path / "idx"), "--experts-off", "0,1"]) == 0
+    mass = json.loads((tmp_path / "idx" / "routing.json").read_text())["tasks"]["qa"]["group_mass"]
+    assert mass == {"downstream": 0.0, "knowledge": pytest.approx(1.0)}
+    assert main([*args, "--out", str(tmp_path / "bad"), "--experts-off", "facts"]) == 2  # a clear error, exit 2

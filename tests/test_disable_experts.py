@@ -10,7 +10,7 @@ from torch import nn
 from loramoe import disable_experts
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import ConfigError
-from loramoe.inject import adapted_modules, inject
+from loramoe.inject import adapted_modules, experts_spec, inject
 from loramoe.routing import RouterRecorder
 
 from reference import expert_loop_forward, expert_loop_topk_forward
@@ -132,3 +132,25 @@ def test_a_model_without_loramoe_is_a_config_error():
     with pytest.raises(ConfigError, match="no LoRAMoE adapter"):
         with disable_experts(tiny_model("llama"), "knowledge"):
             pass
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"), [("knowledge", "knowledge"), ("0,2", [0, 2]), (" 3 ", [3]), ([1, 4], [1, 4])]
+)
+def test_experts_spec_reads_a_group_name_or_indices(value, parsed):
+    assert experts_spec(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["", "  ", [], [1.5], None])
+def test_bad_experts_spec_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="experts_off"):
+        experts_spec(value)
+
+
+def test_eval_config_reads_experts_off():
+    from loramoe.eval.evaluate import EvalConfig
+
+    assert EvalConfig(experts_off="1,2").experts_off == [1, 2]
+    assert EvalConfig(experts_off="downstream").experts_off == "downstream"
+    with pytest.raises(ConfigError, match="experts_off"):
+        EvalConfig(experts_off="")

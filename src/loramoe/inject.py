@@ -129,6 +129,24 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = state
 
 
+def experts_spec(value: str | Sequence[int]) -> str | list[int]:
+    """A command-line or config value for :func:`disable_experts`: a group name stays a name; ``"0,2"`` (integers
+    separated by commas) and lists of ints become indices.
+
+    Raises:
+        ConfigError: an empty value, or a list that is not all integers.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ConfigError("experts_off is empty; give an expert group name (knowledge, downstream) or indices like 0,2")
+        parts = [p.strip() for p in text.split(",")]
+        return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
+    if isinstance(value, Sequence) and value and all(isinstance(e, int) and not isinstance(e, bool) for e in value):
+        return list(value)
+    raise ConfigError(f"experts_off must be an expert group name or a list of expert indices, got {value!r}")
+
+
 @contextlib.contextmanager
 def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn.Module]:
     """Inside the block the given experts are switched off in every LoRAMoE layer: the router's softmax runs over

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default="auto", help="auto, chat or plain (as in training)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-plot", action="store_true", help="write the JSON and table only (no matplotlib)")
+    p.add_argument(
+        "--experts-off", default=None, metavar="GROUP|I,J",
+        help="switch these experts off (an expert group's task name, or indices) and renormalise the router over "
+        "the rest: where does the routing go without them?",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -43,7 +49,7 @@ def parse_data_arg(spec: str, task_names: Sequence[str]) -> tuple[str, str, str 
 def run(args: argparse.Namespace) -> int:
     from loramoe.analysis.report import routing_markdown, routing_report
     from loramoe.data.sources import SourceConfig, load_examples
-    from loramoe.inject import adapted_modules, get_config
+    from loramoe.inject import adapted_modules, disable_experts, experts_spec, get_config
     from loramoe.models.trained import load_trained
 
     model, tokenizer = load_trained(args.adapter, base=args.model, dtype=args.dtype)
@@ -54,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.data:
         name, path, task_type = parse_data_arg(spec, names)
         tasks[name] = load_examples(SourceConfig(path=path, name=name, task_type=task_type), names)
-    report = routing_report(
-        model, tokenizer, tasks, args.out, max_examples=args.max_examples, batch_size=args.batch_size,
-        template=args.template, plot=not args.no_plot,
-    )  # fmt: skip
+    off = disable_experts(model, experts_spec(args.experts_off)) if args.experts_off else contextlib.nullcontext()
+    with off:
+        report = routing_report(
+            model, tokenizer, tasks, args.out, max_examples=args.max_examples, batch_size=args.batch_size,
+            template=args.template, plot=not args.no_plot,
+        )  # fmt: skip
     print(routing_markdown(report), end="")
     print(f"written to {args.out}: " + ", ".join(Path(f).name for f in report["files"].values()))
     return 0

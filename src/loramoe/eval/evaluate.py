@@ -17,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any
 from loramoe.errors import ConfigError
 from loramoe.eval.metrics import mean_interval
 from loramoe.eval.report import SCHEMA, write_results
+from loramoe.inject import disable_experts, experts_spec
 from loramoe.models.base import DTYPES
 from loramoe.models.bundled import DEFAULT_MODEL
 from loramoe.validation import boolean, check_fields, from_mapping, integer, one_of, optional, text
@@ -71,6 +73,9 @@ class EvalConfig:
         dtype: float32 (default, CPU), bfloat16, float16 or auto.
         threads: torch CPU threads during the run; None keeps torch's setting. On a shared machine 1 can be
             several times faster than oversubscribed cores.
+        experts_off: LoRAMoE experts switched off for the whole evaluation (``loramoe.disable_experts``): an
+            expert group by its task name (``knowledge``, ``downstream``) or expert indices (``"0,2"``); the router
+            is renormalised over the rest. None: every expert on.
     """
 
     model: str | None = None
@@ -86,6 +91,7 @@ class EvalConfig:
     device: str | None = None
     dtype: str = "float32"
     threads: int | None = None
+    experts_off: str | list[int] | None = None
 
     def __post_init__(self) -> None:
         from loramoe.eval.tasks import expand_tasks
@@ -103,6 +109,8 @@ class EvalConfig:
             raise ConfigError(
                 f"data_dir {self.data_dir} does not exist (it should hold webquestions/, sst2/, ...)"
             )
+        if self.experts_off is not None:
+            self.experts_off = experts_spec(self.experts_off)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON values."""
@@ -189,26 +197,28 @@ def _run_tasks(
         "tasks": {},
         "seconds": 0.0,
     }
-    for task in tasks:
-        spec = TASKS[task]
-        limit = spec.limit if cfg.limit is None else (cfg.limit or None)
-        gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task],
-            limit=limit,
-            task_manager=manager,
-            apply_chat_template=chat,
-            gen_kwargs=gen_kwargs,
-            log_samples=True,  # the per-document scores, for the means and intervals below
-            bootstrap_iters=0,
-        )
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
-        result["seconds"] = round(time.perf_counter() - start, 2)
-        write_results(result, cfg.output_dir)  # after every task: an interrupted run keeps what it measured
-        log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
+    off = disable_experts(lm.model, cfg.experts_off) if cfg.experts_off is not None else contextlib.nullcontext()
+    with off:
+        for task in tasks:
+            spec = TASKS[task]
+            limit = spec.limit if cfg.limit is None else (cfg.limit or None)
+            gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                limit=limit,
+                task_manager=manager,
+                apply_chat_template=chat,
+                gen_kwargs=gen_kwargs,
+                log_samples=True,  # the per-document scores, for the means and intervals below
+                bootstrap_iters=0,
+            )
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+            result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
+            result["seconds"] = round(time.perf_counter() - start, 2)
+            write_results(result, cfg.output_dir)  # after every task: an interrupted run keeps what it measured
+            log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
 
     return result
 
