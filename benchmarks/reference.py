@@ -29,8 +29,7 @@ class ExpertLoopLinear(LoRAMoELinear):
             return result
         x = x.to(self.loramoe_A.dtype)
         probs = self.router_probs(x)  # (..., N) float32
-        for hook in self._router_hooks.values():
-            hook(self, probs)
+        self._call_router_hooks(probs, result)
         weights = probs.to(x.dtype)
         p = self.dropout if self.training else 0.0
         shared = F.dropout(x, p) if p > 0 and self.dropout_mode == "shared" else None
@@ -50,8 +49,7 @@ class GatherTopKLinear(LoRAMoELinear):
             return result
         x = x.to(self.loramoe_A.dtype)
         probs = self.router_probs(x)  # (..., N) float32
-        for hook in self._router_hooks.values():
-            hook(self, probs)
+        self._call_router_hooks(probs, result)
         n, _, d = self.loramoe_A.shape
         x_MD = x.reshape(-1, d)
         top_w_Mk, top_i_Mk = probs.reshape(-1, n).to(x.dtype).topk(self.top_k, dim=-1)  # (M, k)
@@ -82,8 +80,7 @@ class PreviousFusedLinear(LoRAMoELinear):
             return result
         x = x.to(self.loramoe_A.dtype)
         probs = self.router_probs(x)  # (..., N) float32
-        for hook in self._router_hooks.values():
-            hook(self, probs)
+        self._call_router_hooks(probs, result)
         n, r, d = self.loramoe_A.shape
         x_MD = x.reshape(-1, d)
         p = self.dropout if self.training else 0.0

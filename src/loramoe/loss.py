@@ -26,7 +26,7 @@ from torch import nn
 
 from loramoe.errors import DataError, TrainingError
 from loramoe.inject import adapted_modules, get_config
-from loramoe.routing import RouterRecorder
+from loramoe.routing import RouterRecorder, per_sample_mean
 
 EPS = 1e-10  # the reference's epsilon in Var / (Mean^2 + eps)
 
@@ -84,12 +84,10 @@ def localized_balancing_loss(
     Returns:
         A float32 scalar.
     """
-    probs_BTN = probs_BTN.float()
     if mask_BT is None:
-        importance_BN = probs_BTN.sum(dim=1)
+        importance_BN = probs_BTN.float().sum(dim=1)
     else:
-        m_BT1 = mask_BT.to(torch.float32).unsqueeze(-1)
-        importance_BN = (probs_BTN * m_BT1).sum(dim=1) / m_BT1.sum(dim=1).clamp_min(1.0)
+        importance_BN = per_sample_mean(probs_BTN, mask_BT)
     z = (lbc_coefficients(task_types_B, group_of_expert, delta) * importance_BN).flatten()  # (B*N,)
     mean = z.mean()
     if normalization == "cv2":

@@ -29,7 +29,7 @@ from loramoe.data.formats import Example
 from loramoe.errors import ConfigError
 from loramoe.files import atomic_path, atomic_write_text
 from loramoe.inject import adapted_modules, get_config
-from loramoe.routing import RouterRecorder
+from loramoe.routing import RouterRecorder, per_sample_mean
 
 ROUTING_JSON = "routing.json"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -78,13 +78,12 @@ def expert_usage(
     try:
         for start in tqdm(range(0, len(examples), batch_size), desc="routing", disable=not progress):
             batch = collate([encoder.encode(e)[0] for e in examples[start : start + batch_size]])
-            mask_BT1 = batch["attention_mask"].to(device, torch.float32).unsqueeze(-1)  # (B, T, 1)
             with RouterRecorder(model, detach=True) as rec:
                 model(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                 )
             for name, (probs_BTN,) in rec.probs.items():  # one forward: one record per module
-                mean_BN = (probs_BTN.float() * mask_BT1).sum(1) / mask_BT1.sum(1).clamp_min(1.0)
+                mean_BN = per_sample_mean(probs_BTN, batch["attention_mask"].to(device))
                 out.setdefault(name, []).append(mean_BN.cpu())
     finally:
         model.train(was_training)

@@ -25,6 +25,7 @@ import torch
 from loramoe.demo.evaluation import evaluate_demo, results_table
 from loramoe.demo.items import TASKS, build_demo_data
 from loramoe.files import atomic_write_text
+from loramoe.inference.threads import torch_threads
 from loramoe.models.bundled import DEFAULT_MODEL
 from loramoe.validation import check_fields, integer, number, optional
 
@@ -163,13 +164,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         The results: ``config``, ``scores`` (per model: ``facts_heldout``, each task,
         ``downstream_mean``), ``samples`` (a few outputs), ``routing`` (task-type group masses), ``times``.
     """
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: DemoConfig) -> dict[str, Any]:

@@ -145,22 +145,17 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
         ConfigError: Bad settings or data directory.
         DataError: A task's data file is missing.
     """
-    import torch
     from lm_eval.tasks import TaskManager
 
     from loramoe.eval.tasks import check_data, expand_tasks, resolve_data_dir, task_dir
+    from loramoe.inference.threads import torch_threads
 
     tasks = expand_tasks(cfg.tasks)
     data_dir = resolve_data_dir(cfg.data_dir)
     check_data(tasks, data_dir)
     manager = TaskManager(include_path=str(task_dir(data_dir)), include_defaults=False)
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run_tasks(cfg, tasks, data_dir, manager, model, tokenizer)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_tasks(

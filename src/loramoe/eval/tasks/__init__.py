@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramoe.errors import ConfigError, DataError
+from loramoe.files import atomic_write_text
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -163,12 +164,9 @@ def check_data(tasks: Iterable[str], data_dir: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    if path.exists() and path.read_text(encoding="utf-8") == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write unless the file already holds ``text`` (several evaluations may share the folder)."""
+    if not (path.exists() and path.read_text(encoding="utf-8") == text):
+        atomic_write_text(path, text)
 
 
 def task_dir(
