@@ -1,1 +1,1 @@
-"""Performance measurements of loramoe (issue 6); ``python benchmarks/run.py`` runs them all."""
+"""Performance measurements of loramoe; ``python benchmarks/run.py`` runs them all."""

@@ -4,8 +4,8 @@
   ``result += G_n * (B_n(A_n(dropout_n(x))) * scaling)``), with dense dropout masks.
 - ``GatherTopKLinear``: top-k routing computed sparsely, expert by expert on the tokens routed to it (gather,
   two small GEMMs, scatter-add): the FLOP-saving form, kept to measure whether the saving is real.
-- ``PreviousFusedLinear``: the library's fused forward before issue 6 (commit c3c1304, dense routing), kept to
-  show the effect of the changes side by side.
+- ``PreviousFusedLinear``: the earlier fused forward (dense per-expert masks on an (N, M, D) copy of x, dense
+  routing), kept so that what the current layer's structure saves is measured side by side.
 
 Both subclass ``LoRAMoELinear`` and only replace ``forward``; ``convert`` swaps the class of every adapted layer
 of a model in place, so a model built once with ``loramoe.inject`` can be measured in all three forms.
@@ -71,8 +71,8 @@ class GatherTopKLinear(LoRAMoELinear):
 
 
 class PreviousFusedLinear(LoRAMoELinear):
-    """The fused forward of commit c3c1304: dense per-expert masks on an (N, M, D) copy of x, a separate router
-    GEMM, B permuted to (O, N*R) for ``F.linear``."""
+    """The earlier fused forward: dense per-expert masks on an (N, M, D) copy of x, a separate router GEMM, B
+    permuted to (O, N*R) for ``F.linear``."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

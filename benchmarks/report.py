@@ -1,4 +1,4 @@
-"""The targets of issue 6 checked against the measurements, and the Markdown report (docs/benchmarks.md)."""
+"""The speed and memory targets checked against the measurements, and the Markdown report (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _target(name: str, value: float, op: str, threshold: float) -> dict:
 
 
 def targets(r: dict) -> list[dict]:
-    """Every target of issue 6 for N=6, R=4 on gate/up/down, as measured in ``r``."""
+    """Every speed and memory target for N=6, R=4 on gate/up/down, as measured in ``r``."""
     out = []
     main = r["settings"]["layers"]
     for sec in r["train"]:
@@ -267,7 +267,7 @@ def render(r: dict) -> str:
         lines += [
             "Loop / fused adapter cost: "
             + ", ".join(f"{k.split()[-1]} {_f(v, 1)}x" for k, v in sec["ratios"].items())
-            + ". Previous fused forward (before issue 6) / now: "
+            + ". Earlier fused forward / now: "
             + ", ".join(f"{k.split()[-1]} {_f(v, 1)}x" for k, v in sec.get("before_after", {}).items())
             + ".",
             "",
@@ -353,8 +353,8 @@ Reproduce with `python benchmarks/run.py` (about 40 minutes here; `--quick`: 4 l
   (`/proc/self/clear_refs`) and read after one more step. "Step peak delta" is that peak minus the resident size
   just before the step (activations, gradients, temporaries); "peak RSS" includes the weights and the runtime.
 - Layer level: one frozen `nn.Linear` with 4 x 256 tokens; "adapter ms" is the median over rounds of (adapted
-  fwd+bwd) - (bare fwd+bwd) of the same round. "previous" is the fused forward before issue 6
-  (`reference.PreviousFusedLinear`)."""
+  fwd+bwd) - (bare fwd+bwd) of the same round. "previous" is the earlier fused forward
+  (`reference.PreviousFusedLinear`: dense per-expert masks on N copies of x)."""
 
 FINDINGS = """## What was changed in `src/loramoe/layer.py`, and why
 

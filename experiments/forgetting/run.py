@@ -16,7 +16,7 @@ training output (``train_results.json``) is only evaluated, so the driver resume
 
 The evaluator is deliberately lean (small fixed subsets, identical for every checkpoint) because the whole
 experiment must fit in ~6 CPU-hours; it reuses the eval splits and the ROME/LAMA distractors of
-``loramoe.eval.tasks.utils`` so the rows it scores are the colleague's lm-eval rows (held-out BoolQ / XSum tails).
+``loramoe.eval.tasks.utils`` so the rows it scores are the lm-eval tasks' own rows (held-out BoolQ / XSum tails).
 Prompts are wrapped in the model's chat template, exactly as ``loramoe.data`` formats the SFT records, except
 the ROME/LAMA ranking probes, which score plain-text cloze continuations (format-free knowledge probes).
 """
