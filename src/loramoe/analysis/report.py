@@ -7,7 +7,7 @@ Design decisions:
   and the LBC weigh samples: a long example does not outvote short ones.
 - A transformer layer's number is read from its module name (``...layers.7.mlp.up_proj`` -> 7); the modules of
   one layer (gate/up/down) are averaged for the per-layer heatmap and reported separately in the JSON.
-- Plots need matplotlib (the ``plots`` extra), imported only when drawing.
+- The figures are drawn by ``plots.py`` (matplotlib, the ``plots`` extra, imported only when drawing).
 
 Dimensions: L adapted linears, N experts, K expert groups (= task types), B batch, T tokens.
 """
@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loramoe.analysis.plots import draw_routing
 from loramoe.data.dataset import DataCollatorForLoRAMoE, ExampleEncoder
 from loramoe.data.formats import Example
 from loramoe.errors import ConfigError
-from loramoe.files import atomic_path, atomic_write_text
+from loramoe.files import atomic_write_text
 from loramoe.inject import adapted_modules, get_config
 from loramoe.routing import RouterRecorder, per_sample_mean
 
@@ -185,13 +186,7 @@ def routing_report(
     Raises:
         ConfigError: no tasks, a task without examples, a bad ``max_examples``, or a model without LoRAMoE layers.
     """
-    if not task_examples:
-        raise ConfigError("routing_report needs at least one task with examples")
-    if not isinstance(max_examples, int) or max_examples < 1:
-        raise ConfigError(f"max_examples must be an int >= 1, got {max_examples!r}")
-    empty = [name for name, exs in task_examples.items() if not exs]
-    if empty:
-        raise ConfigError(f"task(s) {empty} have no examples")
+    _check_request(task_examples, max_examples)
     cfg = get_config(model)
     usage, types = {}, {}
     for name, examples in task_examples.items():
@@ -217,6 +212,16 @@ def routing_report(
     return report
 
 
+def _check_request(task_examples: Mapping[str, Sequence[Example]], max_examples: Any) -> None:
+    if not task_examples:
+        raise ConfigError("routing_report needs at least one task with examples")
+    if not isinstance(max_examples, int) or max_examples < 1:
+        raise ConfigError(f"max_examples must be an int >= 1, got {max_examples!r}")
+    empty = [name for name, exs in task_examples.items() if not exs]
+    if empty:
+        raise ConfigError(f"task(s) {empty} have no examples")
+
+
 def routing_markdown(report: Mapping[str, Any]) -> str:
     """The group-mass table: one row per task and per task type, one column per expert group."""
     groups = list(report["task_names"])
@@ -229,83 +234,3 @@ def routing_markdown(report: Mapping[str, Any]) -> str:
         masses = " | ".join(f"**{row['group_mass'][g]:.3f}**" for g in groups)
         lines.append(f"| **all {type_name}** | {type_name} | {row['examples']} | {masses} |")
     return "\n".join(lines) + "\n"
-
-
-def draw_routing(report: Mapping[str, Any], out_dir: Path, *, prefix: str = "routing") -> dict[str, str]:
-    """Draw the per-layer heatmap grid, the layer-averaged heatmap and the group-mass bars; return their paths."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError(
-            "routing plots need matplotlib: pip install 'loramoe[plots]' (or plot=False)"
-        ) from e
-    tasks, layers, n = list(report["tasks"]), report["layers"], report["num_experts"]
-    labels = [f"{t} ({report['tasks'][t]['task_type'][:4]})" for t in tasks]
-    groups = report["group_of_expert"]
-    files = {}
-
-    def save(fig: Figure, kind: str) -> None:
-        FigureCanvasAgg(fig)
-        path = out_dir / f"{prefix}_{kind}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        files[kind] = str(path)
-
-    # A diverging scale centred on uniform routing (1/N, white): the deviations are the story, not the level.
-    every = [p for t in report["tasks"].values() for p in [*t["mean"], *sum(t["per_layer"].values(), [])]]
-    spread = max(1e-6, max(abs(p - 1.0 / n) for p in every))
-
-    def heat(ax: Any, matrix: torch.Tensor, title: str, *, ticks: bool) -> Any:
-        image = ax.imshow(
-            matrix.numpy(), aspect="auto", cmap="RdBu_r", vmin=1.0 / n - spread, vmax=1.0 / n + spread
-        )
-        ax.set_title(title, fontsize=8)
-        ax.set_xticks(range(n), [f"{e}\n{report['task_names'][groups[e]][:4]}" for e in range(n)] if ticks
-                      else [str(e) for e in range(n)], fontsize=6)  # fmt: skip
-        ax.set_yticks(range(len(tasks)), labels if ticks else [""] * len(tasks), fontsize=7)
-        ax.axvline(sum(g == 0 for g in groups) - 0.5, color="black", lw=1)  # first group boundary
-        return image
-
-    cols = min(6, len(layers))
-    rows = -(-len(layers) // cols)
-    fig = Figure(figsize=(2.3 * cols + 2, 0.25 * len(tasks) * rows + 1.4 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(layers):
-            ax.set_visible(False)
-            continue
-        m = torch.tensor([report["tasks"][t]["per_layer"][str(layers[k])] for t in tasks])  # (tasks, N)
-        image = heat(ax, m, f"layer {layers[k]}", ticks=k % cols == 0)
-    fig.colorbar(image, ax=axes, shrink=0.6, label=f"mean router probability (white: uniform 1/{n})")
-    fig.suptitle("Router probability per task (rows) and expert (columns), by layer")
-    save(fig, "layers")
-
-    fig = Figure(figsize=(1.0 + 0.55 * n + 2.0, 0.45 * len(tasks) + 1.6), layout="constrained")
-    ax = fig.add_subplot()
-    image = heat(
-        ax, torch.tensor([report["tasks"][t]["mean"] for t in tasks]), "mean over layers", ticks=True
-    )
-    fig.colorbar(image, ax=ax, label=f"mean router probability (white: 1/{n})")
-    save(fig, "mean")
-
-    fig = Figure(figsize=(max(4.0, 0.9 * len(tasks) + 2.5), 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    names = list(report["task_names"])
-    width = 0.8 / len(names)
-    for g, group in enumerate(names):
-        xs = [i + (g - (len(names) - 1) / 2) * width for i in range(len(tasks))]
-        ax.bar(
-            xs,
-            [report["tasks"][t]["group_mass"][group] for t in tasks],
-            width=width,
-            label=f"{group} experts",
-        )
-    ax.axhline(1.0 / len(names), color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(tasks)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("router mass")
-    ax.set_ylim(0, 1)
-    ax.set_title("Router mass on each expert group")
-    ax.legend(fontsize="small")
-    save(fig, "groups")
-    return files

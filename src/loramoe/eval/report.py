@@ -101,7 +101,22 @@ def compare(
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in runs)]
     tasks += sorted({t for r in runs for t in r["tasks"]} - set(tasks))
     order = [b] + [i for i in range(len(runs)) if i != b]
+    lines = _score_table(runs, labels, tasks, order) + [""] + _retention_table(runs, labels, tasks, order)
+    text = "\n".join(lines) + "\n"
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if plot:
+        _bar_chart(tasks, [labels[i] for i in order], [runs[i] for i in order], out / "compare.png")
+    atomic_write_text(out / "compare.md", text)
+    return text
+
+
+def _score_table(
+    runs: list[dict[str, Any]], labels: list[str], tasks: list[str], order: list[int]
+) -> list[str]:
+    """Every task's score per run (the base first, ``order[0]``), with the difference and ratio to the base."""
+    b = order[0]
     head = ["suite", "task", "metric"] + [labels[i] + (" (base)" if i == b else "") for i in order]
     lines = [
         f"# Comparison against {labels[b]}",
@@ -124,12 +139,19 @@ def compare(
                 cell += f", ×{r['score'] / ref['score']:.2f})" if ref["score"] > 0 else ")"
                 cells.append(cell + ("*" if r["n"] != ref["n"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines + [
         "",
         "Cells: score (difference from the base, ratio to the base). * = a different number of documents.",
-        "",
     ]
-    lines += [
+
+
+def _retention_table(
+    runs: list[dict[str, Any]], labels: list[str], tasks: list[str], order: list[int]
+) -> list[str]:
+    """Per run: knowledge mean and its ratio to the base's (retention), downstream mean and its change; each on
+    the tasks the run shares with the base."""
+    b = order[0]
+    lines = [
         "## Knowledge retention",
         "",
         "| run | knowledge mean | retention (after / before) | downstream mean | Δ downstream |",
@@ -142,14 +164,7 @@ def compare(
         ret = f"{k / kb:.3f}" if k is not None and kb else "–"
         dd = f"{d - db:+.3f}" if d is not None and db is not None else "–"
         lines.append(f"| {labels[i]} | {_fmt(k)} | {ret} | {_fmt(d)} | {dd} |")
-    text = "\n".join(lines) + "\n"
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if plot:
-        _bar_chart(tasks, [labels[i] for i in order], [runs[i] for i in order], out / "compare.png")
-    atomic_write_text(out / "compare.md", text)
-    return text
+    return lines
 
 
 def _read_run(path: Path) -> dict[str, Any]:
