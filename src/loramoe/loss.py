@@ -146,36 +146,45 @@ def compute_loss(
         outputs = model(**inputs, **model_kwargs)
     probs = recorder.concat()
     lm = outputs.loss
-    lbc = lm.new_zeros((), dtype=torch.float32)
     if use_lbc:
-        routers_trainable = any(
-            layer.loramoe_router.requires_grad for layer in adapted_modules(model).values()
-        )
-        if (
-            torch.is_grad_enabled()
-            and model.training
-            and routers_trainable  # a frozen adapter (load_adapter default) legitimately gives no gradient
-            and not any(p.requires_grad for p in probs.values())
-        ):
-            raise TrainingError(
-                "router probabilities carry no gradient, so the LBC cannot train the routers; this happens with "
-                "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"
-            )
         mask = inputs.get("attention_mask") if cfg.lbc_positions == "non_padding" else None
-        groups = torch.as_tensor(
-            cfg.group_of_expert(), device=task_types.device
-        )  # one copy, not one per linear
-        terms = [
+        lbc = _lbc(model, probs, task_types, mask)
+    else:
+        lbc = lm.new_zeros((), dtype=torch.float32)
+    return LossParts(total=lm + lbc.to(lm.dtype), lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
+
+
+def _lbc(
+    model: nn.Module, probs: dict[str, torch.Tensor], task_types_B: torch.Tensor, mask_BT: torch.Tensor | None
+) -> torch.Tensor:
+    """The LBC of one forward: each adapted linear's term, summed (or averaged) as the config says."""
+    cfg = get_config(model)
+    routers_trainable = any(layer.loramoe_router.requires_grad for layer in adapted_modules(model).values())
+    if (
+        torch.is_grad_enabled()
+        and model.training
+        and routers_trainable  # a frozen adapter (load_adapter default) legitimately gives no gradient
+        and not any(p.requires_grad for p in probs.values())
+    ):
+        raise TrainingError(
+            "router probabilities carry no gradient, so the LBC cannot train the routers; this happens with "
+            "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+    groups = torch.as_tensor(
+        cfg.group_of_expert(), device=task_types_B.device
+    )  # one copy, not one per linear
+    terms = torch.stack(
+        [
             localized_balancing_loss(
                 p,
-                task_types,
+                task_types_B,
                 group_of_expert=groups,
                 delta=cfg.lbc_delta,
                 weight=cfg.lbc_weight,
                 normalization=cfg.lbc_normalization,
-                mask_BT=mask,
+                mask_BT=mask_BT,
             )
             for p in probs.values()
         ]
-        lbc = torch.stack(terms).sum() if cfg.lbc_reduction == "sum" else torch.stack(terms).mean()
-    return LossParts(total=lm + lbc.to(lm.dtype), lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
+    )
+    return terms.sum() if cfg.lbc_reduction == "sum" else terms.mean()

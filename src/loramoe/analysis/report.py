@@ -201,15 +201,20 @@ def routing_report(
         **summarize(usage, types, group_of_expert=cfg.group_of_expert(), task_names=cfg.task_names),
     }
     report["layers"] = sorted({int(i) for t in report["tasks"].values() for i in t["per_layer"]})
-    out = Path(out_dir)
+    report["files"] = _write(report, Path(out_dir), prefix, plot)
+    return report
+
+
+def _write(report: dict[str, Any], out: Path, prefix: str, plot: bool) -> dict[str, str]:
+    """Write the figures (when ``plot``), the table and the JSON (last, with the file list); return the list."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / f"{prefix}.json"), "table": str(out / f"{prefix}.md")}
     if plot:
         files |= draw_routing(report, out, prefix=prefix)
-    report["files"] = files
+    report = {**report, "files": files}
     atomic_write_text(out / f"{prefix}.md", routing_markdown(report))
     atomic_write_text(out / f"{prefix}.json", json.dumps(report, indent=1))
-    return report
+    return files
 
 
 def _check_request(task_examples: Mapping[str, Sequence[Example]], max_examples: Any) -> None:

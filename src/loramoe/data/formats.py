@@ -268,16 +268,7 @@ def parse_records(
             record = {rename.get(k, k): v for k, v in record.items()} if rename else record
             fmt = detect_format(record, path=path, line=line) if fmt == "auto" else fmt
             example = _PARSERS[fmt](record, at)
-            if task_type is not None:
-                overridden += record.get("task_type", task_type) not in (task_type, task_names[task_type])
-                example.task_type = task_type
-            elif "task_type" in record:
-                example.task_type = resolve_task_type(record["task_type"], task_names, path=path, line=line)
-            else:
-                valid = valid_task_types(task_names)
-                raise at.error(
-                    f"missing; add it to the records or set task_type: on the source ({valid})", "task_type"
-                )
+            overridden += _set_task_type(example, record, at, task_type, task_names)
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -288,6 +279,23 @@ def parse_records(
         example.source, example.line = source, line
         examples.append(example)
     return examples, skipped, overridden
+
+
+def _set_task_type(
+    example: Example, record: Mapping, at: _At, task_type: int | None, task_names: Sequence[str]
+) -> bool:
+    """Give ``example`` the source's task type, else the record's own; True when the source's overrode a
+    different one in the record."""
+    if task_type is not None:
+        example.task_type = task_type
+        return record.get("task_type", task_type) not in (task_type, task_names[task_type])
+    if "task_type" not in record:
+        valid = valid_task_types(task_names)
+        raise at.error(
+            f"missing; add it to the records or set task_type: on the source ({valid})", "task_type"
+        )
+    example.task_type = resolve_task_type(record["task_type"], task_names, path=at.path, line=at.line)
+    return False
 
 
 class _At(NamedTuple):
