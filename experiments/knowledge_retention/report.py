@@ -93,8 +93,9 @@ def tables(res: dict[str, dict]) -> str:
     lines = []
     todo = [item_key(i) for i in queue() if item_key(i) not in res]
     lines.append(
-        f"**Partial: {len(res)} of {len(queue())} queue items finished** "
-        f"(remaining, in order: {', '.join(todo) if todo else 'none'})."
+        f"**Partial: {len(res)} of {len(queue())} queue items finished**; next in the queue: "
+        f"{', '.join(todo[:8]) if todo else 'none'}{f' and {len(todo) - 8} more' if len(todo) > 8 else ''} "
+        "(`run.py --status` lists them with their estimated CPU cost)."
     )
     lines.append("")
     lines.append(
