@@ -40,10 +40,8 @@ FFN_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("mlp.c_fc", "mlp.c_proj"),
 }
 
-BINARY_TASK_NAMES: tuple[str, ...] = (
-    "downstream",
-    "knowledge",
-)  # reference: 0 = other tasks, 1 = world knowledge
+# The reference's two task types: 0 = every other task, 1 = world knowledge.
+BINARY_TASK_NAMES: tuple[str, ...] = ("downstream", "knowledge")
 
 NORMALIZATIONS = ("cv2", "var_over_mean")
 REDUCTIONS = ("sum", "mean")

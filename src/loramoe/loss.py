@@ -170,9 +170,8 @@ def _lbc(
             "router probabilities carry no gradient, so the LBC cannot train the routers; this happens with "
             "reentrant gradient checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}"
         )
-    groups = torch.as_tensor(
-        cfg.group_of_expert(), device=task_types_B.device
-    )  # one copy, not one per linear
+    # One copy on the device for all linears, not one per linear.
+    groups = torch.as_tensor(cfg.group_of_expert(), device=task_types_B.device)
     terms = torch.stack(
         [
             localized_balancing_loss(

@@ -72,9 +72,8 @@ class _RoutingPlots:
         )
         ax.set_xticks(range(n), xticks, fontsize=6)
         ax.set_yticks(range(len(self.tasks)), self.labels if ticks else [""] * len(self.tasks), fontsize=7)
-        ax.axvline(
-            sum(g == 0 for g in self.group_of_expert) - 0.5, color="black", lw=1
-        )  # first group boundary
+        first_group = sum(g == 0 for g in self.group_of_expert)
+        ax.axvline(first_group - 0.5, color="black", lw=1)  # the boundary after the first group
         return image
 
     def layers(self) -> Any:

@@ -335,9 +335,8 @@ def _example(prompt: str, answer: str, at: _At, prompt_field: str, answer_field:
 
 def _alpaca(record: Mapping, at: _At) -> Example:
     instruction, extra = at.text(record, "instruction"), at.text(record, "input", optional=True)
-    prompt = (
-        f"{instruction}\n{extra}" if extra else instruction
-    )  # the reference's: instruction + "\n" + input
+    # The reference's prompt: instruction + "\n" + input.
+    prompt = f"{instruction}\n{extra}" if extra else instruction
     return _example(prompt, at.text(record, "output"), at, "instruction", "output")
 
 

@@ -130,9 +130,8 @@ class LoRAMoELM(HFLM):
         for (_ctx, _conts, indices), row in zip(groups, scored, strict=True):
             for index, answer in zip(indices, row, strict=True):
                 answers[index] = answer
-                if (
-                    requests[index][0] is not None
-                ):  # rolling requests are cached per document by lm-eval itself
+                # Rolling requests (no context) are cached per document by lm-eval itself.
+                if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
         return answers
 

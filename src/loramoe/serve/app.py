@@ -265,9 +265,8 @@ async def _generate(
     except TimeoutError:
         raise APIError(504, f"the request took over {config.timeout:g} s", type="timeout_error") from None
     finally:
-        state.batcher.cancel(
-            job
-        )  # a no-op once it finished; frees its place when the client left or timed out
+        # A no-op once the job finished; frees its place when the client left or timed out.
+        state.batcher.cancel(job)
     raise AssertionError("the event stream ended without a Finish")
 
 
