@@ -18,8 +18,8 @@ Design decisions:
   position, which no later token can change in a causal model.
 - Generation is greedy (``generate``'s defaults). Generation tasks with the same settings can be pooled into one
   ``generate`` call (``pool_generation``); pooling decides the batches, and so the padding, that each prompt sees.
-- A task's score is the plain mean of its per-item values; its interval is mean +/- 1.96 standard errors, with the
-  standard error lm-eval reports for a mean (sample standard deviation / sqrt(n)).
+- A task's score is the plain mean of its per-item values; ``metrics.mean_interval`` gives its standard error
+  (lm-eval's for a mean) and a 95 % interval: Wilson's for accuracies, mean +/- 1.96 standard errors otherwise.
 """
 
 from __future__ import annotations
