@@ -269,4 +269,26 @@ def test_the_forgetting_evaluators_choice_helper_is_the_replaced_one(model_and_t
         sys.path.remove(str(EXPERIMENT))
     model, tok = model_and_tokenizer
     items = _sets()["rome"]
-    assert _choice_scores(model, tok, items, chat=False) == _reference_choice_scores(model, tok, items, False)[0]
+    assert (
+        _choice_scores(model, tok, items, chat=False) == _reference_choice_scores(model, tok, items, False)[0]
+    )
+
+
+def test_sharing_by_prefix_gives_the_same_log_likelihoods_in_fewer_sequences(model_and_tokenizer) -> None:
+    """lm-eval's rule (continuations equal but for their last token share a pass) against one pass each."""
+    from loramoe.eval.engine import _plan_sequences
+
+    model, tok = model_and_tokenizer
+    ctx = tok("Pick one:", add_special_tokens=False)["input_ids"]
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in (" ab", " ac", " b", " abc")]
+    requests = [(ctx, conts), (ctx[:-1], conts[:2])]
+    assert (
+        len(_plan_sequences(requests, "prefix")[0]) == 4
+    )  # " a?" x2 share, " b", " abc"; then " a?" x2 share
+    shared = continuation_logprobs(model, requests, share="prefix")
+    alone = continuation_logprobs(model, [(c, [x]) for c, xs in requests for x in xs], batch_size=1)
+    flat = [pair for row in shared for pair in row]
+    for (logp, greedy), [(want, want_greedy)] in zip(flat, alone, strict=True):
+        assert logp == pytest.approx(want, abs=1e-5) and greedy == want_greedy
+    with pytest.raises(ConfigError, match="share must be"):
+        continuation_logprobs(model, requests, share="all")

@@ -235,14 +235,22 @@ def continuation_logprobs(
     *,
     batch_size: int = 16,
     pad_id: int = 0,
+    share: str = "single",
 ) -> list[list[tuple[float, bool]]]:
     """Summed log-probability of each continuation after its context, and whether greedy decoding yields it.
+
+    Continuations of one item that would run the same tokens share one sequence: a continuation's log-probs
+    are read at the positions before its tokens, which later tokens cannot change in a causal model.
 
     Args:
         model: A causal LM returning ``logits`` of shape ``(B, T, V)``.
         requests: Per item, ``(context_ids, [continuation_ids, ...])``; every id list non-empty.
         batch_size: Sequences per forward pass.
         pad_id: The id padding the right end of shorter sequences (masked out).
+        share: ``"single"``: single-token continuations share a sequence (the choice scoring of the demo and
+            the experiments, whose batches, and so whose floats, depend on it); ``"prefix"``: continuations that
+            are equal but for their last token share one (lm-eval's rule, which halves the passes for labels
+            that tokenize as a common first token plus a word).
 
     Returns:
         Per item, per continuation: ``(log_prob, is_greedy)``.
@@ -250,7 +258,7 @@ def continuation_logprobs(
     Raises:
         ConfigError: An empty context or continuation.
     """
-    seqs, reads = _plan_sequences(requests)
+    seqs, reads = _plan_sequences(requests, share)
     out: list[list[tuple[float, bool]]] = [[(0.0, False)] * len(conts) for _ctx, conts in requests]
     by_seq: dict[int, list[tuple[int, int, list[int]]]] = {}
     for item, choice, k, cont in reads:
@@ -277,14 +285,26 @@ def continuation_logprobs(
 
 
 def _plan_sequences(
-    requests: Sequence[tuple[list[int], Sequence[list[int]]]],
+    requests: Sequence[tuple[list[int], Sequence[list[int]]]], share: str
 ) -> tuple[list[tuple[list[int], int]], list[tuple[int, int, int, list[int]]]]:
     """Sequences to run, ``(ids, n_context)``, and per continuation ``(item, choice, sequence, ids)`` to read."""
+    if share not in ("single", "prefix"):
+        raise ConfigError(f"share must be 'single' or 'prefix', got {share!r}")
     seqs: list[tuple[list[int], int]] = []
     reads: list[tuple[int, int, int, list[int]]] = []
     for i, (ctx, conts) in enumerate(requests):
         if not ctx or not conts or any(not c for c in conts):
             raise ConfigError(f"request {i} has an empty context or continuation; every one needs tokens")
+        if share == "prefix":
+            keys: dict[tuple[int, ...], int] = {}
+            for j, cont in enumerate(conts):
+                key = tuple(cont[:-1])
+                if key not in keys:
+                    keys[key] = len(seqs)
+                    seqs.append((list(ctx) + list(cont), len(ctx)))
+                reads.append((i, j, keys[key], list(cont)))
+            continue
+        # single: each multi-token continuation runs alone; single-token ones ride on the item's first sequence
         multi = [j for j, c in enumerate(conts) if len(c) > 1]
         first = len(seqs)
         for j in multi or [0]:

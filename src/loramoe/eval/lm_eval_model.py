@@ -108,12 +108,12 @@ class LoRAMoELM(HFLM):
 
         lm-eval tokenizes (its joint context + continuation encoding); the forward pass is the engine's, the same
         code the demo and the experiments score choices with. Consecutive requests with the same context (one
-        document's choices) form one item, so its single-token choices share a forward pass. A context too long
-        for the model loses tokens on the left, as in ``HFLM``. ``batch_size="auto"`` uses 16.
+        document's choices) form one item, and its continuations that differ only in their last token share a
+        forward pass (lm-eval's own rule). A context too long for the model loses tokens on the left, as in
+        ``HFLM``. ``batch_size="auto"`` uses 16.
         """
-        groups: list[
-            tuple[list[int], list[list[int]], list[int]]
-        ] = []  # (context, continuations, request indices)
+        # (context, continuations, request indices)
+        groups: list[tuple[list[int], list[list[int]], list[int]]] = []
         for index, (_strings, context, continuation) in enumerate(requests):
             context = self._fit_context(context, continuation)
             if groups and groups[-1][0] == context:
@@ -124,7 +124,11 @@ class LoRAMoELM(HFLM):
         batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scored = continuation_logprobs(
-            self.model, [(ctx, conts) for ctx, conts, _ in groups], batch_size=batch, pad_id=pad
+            self.model,
+            [(ctx, conts) for ctx, conts, _ in groups],
+            batch_size=batch,
+            pad_id=pad,
+            share="prefix",
         )
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for (_ctx, _conts, indices), row in zip(groups, scored, strict=True):
