@@ -79,8 +79,8 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(adapter: Path, **settings):
-    model, tokenizer = load_trained(adapter)
+def running(adapter: Path | None, base: str | None = None, **settings):
+    model, tokenizer = load_trained(adapter, base=base)
     config = ServeConfig(model_name="tiny", **{"batch_wait_ms": 100.0, **settings})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -270,6 +270,14 @@ def test_router_stats_on_demand(server):
         )
     chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body={"router_stats": True}))
     assert chunks[-1].model_extra["router_stats"]["groups"] == ["downstream", "knowledge"]
+
+
+def test_a_base_model_alone_is_served_and_router_stats_need_an_adapter(adapters):
+    with running(None, base=str(adapters["plain"].parent / "plain-base")) as plain:
+        body = {"messages": USER, "max_tokens": 3, "temperature": 0}
+        assert chat(plain.url, body).json()["usage"]["completion_tokens"] <= 3
+        refused = chat(plain.url, {**body, "router_stats": True})
+        assert refused.status_code == 400 and "no LoRAMoE layers" in refused.json()["error"]["message"]
 
 
 def test_models_and_health(server):
@@ -500,3 +508,32 @@ def test_a_cancelled_sequence_leaves_its_batch_and_the_others_finish(adapters):
     decoder.run(gens)
     assert 0 not in finished and len(gens[0].ids) == 3
     assert finished[1].completion_tokens == 20 and finished[1].reason == "length"
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_runs_and_loses_nothing(tmp_path):
+    """The benchmark's own smoke test (two server starts, so slow): tiny model, few clients, every phase clean."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve_bench.py"),
+        "--tiny",
+    ]
+    command += [
+        "--clients",
+        "4",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "4",
+        "--batch-sizes",
+        "1,4",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(
+        command, check=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
+    phases = json.loads(out.read_text())["phases"]
+    assert [p["answered"] for p in phases] == [8, 8]
+    assert all(not p["errors"] and not p["lost"] and not p["left_in_server"] for p in phases)
