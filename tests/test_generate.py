@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from loramoe.errors import ConfigError, DataError
-from loramoe.inference.generate import chat_loop, generate, read_prompts
+from loramoe.inference.chat import chat_loop
+from loramoe.inference.generate import generate
+from loramoe.inference.prompts import read_prompts
 
 from tiny import tiny_model, tiny_tokenizer
 

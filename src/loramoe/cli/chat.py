@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loramoe.inference.generate import chat_loop
+    from loramoe.inference.chat import chat_loop
 
     model, tokenizer = load_model(args)
     chat_loop(model, tokenizer, max_new_tokens=args.max_new_tokens)

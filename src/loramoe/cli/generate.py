@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    from loramoe.inference.generate import read_prompts
+    from loramoe.inference.prompts import read_prompts
 
     prompts = list(args.prompt or [])
     if args.file:

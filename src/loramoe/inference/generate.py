@@ -1,4 +1,4 @@
-"""Generation helpers: batched generation from prompts, reading prompt files, and an interactive chat.
+"""Batched generation from prompts, and the pieces the chat and the server share (encoding, stopping, decoding).
 
 Design decisions:
 
@@ -15,27 +15,19 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TextStreamer
 
-from loramoe.errors import ConfigError, DataError
+from loramoe.errors import ConfigError
 from loramoe.layer import cached_stacking
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Message = dict[str, str]
-PROMPT_FIELDS = (
-    "prompt",
-    "instruction",
-    "question",
-)  # in order of preference; "input" is appended to "instruction"
 
 
 def generate(
@@ -79,7 +71,7 @@ def generate(
     Raises:
         ConfigError: A bad setting, a chat template requested but missing, or a prompt with no tokens.
     """
-    _check_settings(max_new_tokens, do_sample, temperature, top_p)
+    check_sampling(max_new_tokens, do_sample, temperature, top_p)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     use_chat = _use_chat_template(tokenizer, chat_template)
@@ -88,215 +80,38 @@ def generate(
             "system_prompt needs a chat template; the tokenizer has none or chat_template=False"
         )
     base: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        ids = (
-            encode_chat(tokenizer, [*base, {"role": "user", "content": prompt}])
-            if use_chat
-            else encode_prompt(tokenizer, prompt)
-        )
-        if not ids:
-            raise ConfigError(f"prompt {i} has no tokens; give it some text")
-        encoded.append(ids)
+    encoded = [_encode(tokenizer, prompt, i, base if use_chat else None) for i, prompt in enumerate(prompts)]
 
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = padding_id(tokenizer, stop_ids)
-    gen_kwargs = _generation_kwargs(max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
-    device = model_device(model)
+    gen_kwargs = generation_kwargs(max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
+    with inference_context(model, seed):
+        return _generate_batched(model, tokenizer, encoded, batch_size, gen_kwargs, progress)
+
+
+def _generate_batched(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    batch_size: int,
+    gen_kwargs: dict[str, Any],
+    progress: bool,
+) -> list[str]:
+    """The new text of each encoded prompt, longest prompts batched first (less padding), in input order."""
+    stop_ids, device = gen_kwargs["eos_token_id"] or [], model_device(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     results = [""] * len(encoded)
-    with _inference(model, seed):
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, device)  # (B, T) each
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs
-            )  # (B, T + new)
-            for row, i in enumerate(batch):
-                results[i] = _decode_new(tokenizer, out[row, input_ids.shape[1] :], stop_ids)
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        input_ids, attention_mask = left_pad([encoded[i] for i in batch], gen_kwargs["pad_token_id"], device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)  # (B, T + new)
+        for row, i in enumerate(batch):
+            results[i] = decode_new(tokenizer, out[row, input_ids.shape[1] :], stop_ids)
     return results
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Read prompts from a file.
-
-    Formats, by extension:
-
-    - ``.txt``: one prompt per line; surrounding whitespace stripped, blank lines skipped.
-    - ``.jsonl``: one JSON object (or string) per line, blank lines skipped.
-    - ``.json``: a list of objects (or strings).
-
-    An object's prompt is its ``prompt`` field, else ``instruction`` (followed by a blank line and ``input`` when
-    that is non-empty), else ``question``.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The prompts, in file order.
-
-    Raises:
-        DataError: Missing or unreadable file, unknown extension, bad JSON, a record without a usable prompt field
-            (the error names the line, or for ``.json`` the 1-based record number, and the field), or no prompts.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl", ".json"):
-        raise DataError(
-            "unknown prompt file type; use .txt (one prompt per line), .jsonl or .json", path=str(path)
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError("file not found", path=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read: {e}", path=str(path)) from e
-
-    if suffix == ".txt":
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    elif suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", path=str(path), line=number) from None
-            prompts.append(_record_prompt(record, str(path), number))
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from None
-        if not isinstance(records, list):
-            raise DataError(
-                f"a .json prompt file must hold a list, found {type(records).__name__}", path=str(path)
-            )
-        prompts = [
-            _record_prompt(record, str(path), number) for number, record in enumerate(records, start=1)
-        ]
-    if not prompts:
-        raise DataError("no prompts in the file", path=str(path))
-    return prompts
-
-
-def chat_loop(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    system_prompt: str | None = None,
-    seed: int | None = None,
-    stream: bool | None = None,
-    input_fn: Callable[[str], str] = input,
-    print_fn: Callable[..., Any] = print,
-) -> list[Message]:
-    """Chat with the model, keeping the conversation as chat-template messages.
-
-    Type ``/reset`` to clear the history (the system prompt stays) and ``/exit`` (or end of input) to quit. When the
-    conversation outgrows the model's context, the oldest turns are dropped.
-
-    Args:
-        model: A causal LM (plain or adapted).
-        tokenizer: Its tokenizer; it must have a chat template.
-        max_new_tokens: Most tokens per reply.
-        do_sample: Sample instead of greedy decoding.
-        temperature: Sampling temperature (> 0); only used when sampling.
-        top_p: Nucleus sampling mass in (0, 1]; only used when sampling.
-        system_prompt: A system message at the start of every conversation.
-        seed: Seed for sampling; the global RNG state is restored afterwards.
-        stream: Print replies token by token through ``print_fn`` (which must then accept ``print``'s ``end`` and
-            ``flush`` keywords); ``None`` streams only when ``print_fn`` is ``print``.
-        input_fn: Reads a user line given a prompt string, like ``input``; raising ``EOFError`` ends the chat.
-        print_fn: Shows output, like ``print``.
-
-    Returns:
-        The conversation's messages when the chat ended (since the last ``/reset``).
-
-    Raises:
-        ConfigError: A bad setting or a tokenizer without a chat template.
-    """
-    _check_settings(max_new_tokens, do_sample, temperature, top_p)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("chat needs a tokenizer with a chat template")
-    stream = print_fn is print if stream is None else stream
-    base: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    messages = list(base)
-    stop_ids = stop_token_ids(model, tokenizer)
-    gen_kwargs = _generation_kwargs(
-        max_new_tokens, do_sample, temperature, top_p, stop_ids, padding_id(tokenizer, stop_ids)
-    )
-    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    device = model_device(model)
-
-    print_fn("Chat with the model. /reset clears the history; /exit or Ctrl-D quits.")
-    with _inference(model, seed):
-        while True:
-            try:
-                line = input_fn("> ")
-            except (EOFError, KeyboardInterrupt):
-                print_fn("")
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text == "/exit":
-                break
-            if text == "/reset":
-                messages = list(base)
-                print_fn("(history cleared)")
-                continue
-            messages.append({"role": "user", "content": text})
-            ids = encode_chat(tokenizer, messages)
-            dropped = 0
-            while (
-                max_positions and len(ids) + max_new_tokens > max_positions and len(messages) - len(base) > 1
-            ):
-                del messages[len(base) : len(base) + 2]  # the oldest user + assistant pair
-                dropped += 1
-                ids = encode_chat(tokenizer, messages)
-            if dropped:
-                print_fn(f"(dropped the {dropped} oldest turn(s) to fit the context)")
-            if max_positions and len(ids) + max_new_tokens > max_positions:
-                messages.pop()
-                print_fn(
-                    f"(message too long: {len(ids)} tokens + {max_new_tokens} new > {max_positions}; not sent)"
-                )
-                continue
-            input_ids = torch.tensor([ids], device=device)  # (1, T)
-            streamer = _PrintFnStreamer(tokenizer, print_fn) if stream else None
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=streamer,
-                **gen_kwargs,
-            )
-            reply = _decode_new(tokenizer, out[0, input_ids.shape[1] :], stop_ids)
-            if not stream:
-                print_fn(reply)
-            messages.append({"role": "assistant", "content": reply})
-    return messages
-
-
-class _PrintFnStreamer(TextStreamer):
-    """``TextStreamer`` that prints through an injected ``print_fn`` instead of the builtin."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, print_fn: Callable[..., Any]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._print_fn = print_fn
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self._print_fn(text, end="\n" if stream_end else "", flush=True)
-
-
-def _check_settings(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+    """Raise ``ConfigError`` for a setting ``generate`` would reject late or misuse."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and not temperature > 0:
@@ -305,6 +120,17 @@ def _check_settings(max_new_tokens: int, do_sample: bool, temperature: float, to
         )
     if do_sample and not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, i: int, chat: list[Message] | None) -> list[int]:
+    """Prompt ``i``'s token ids: as a user message after the ``chat`` messages, or plain text when None."""
+    if chat is not None:
+        ids = encode_chat(tokenizer, [*chat, {"role": "user", "content": prompt}])
+    else:
+        ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ConfigError(f"prompt {i} has no tokens; give it some text")
+    return ids
 
 
 def _use_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: bool | None) -> bool:
@@ -350,9 +176,10 @@ def padding_id(tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> int:
     return stop_ids[0] if stop_ids else 0  # masked out anyway; any valid id will do
 
 
-def _generation_kwargs(
+def generation_kwargs(
     max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, stop_ids: list[int], pad_id: int
 ) -> dict[str, Any]:
+    """The ``model.generate`` keywords of these settings (sampling ones only when sampling)."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
@@ -382,7 +209,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _decode_new(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int]) -> str:
+def decode_new(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_ids: list[int]) -> str:
+    """The text of generated ids, cut at the first stop id, without special tokens or surrounding whitespace."""
     ids = new_ids.tolist()
     for k, token_id in enumerate(ids):
         if token_id in stop_ids:
@@ -392,7 +220,7 @@ def _decode_new(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop_
 
 
 @contextlib.contextmanager
-def _inference(model: torch.nn.Module, seed: int | None) -> Iterator[None]:
+def inference_context(model: torch.nn.Module, seed: int | None) -> Iterator[None]:
     """Eval mode, the experts' stacked weights built once, and, with a seed, a forked RNG; all undone on exit."""
     was_training = model.training
     model.eval()
@@ -405,32 +233,3 @@ def _inference(model: torch.nn.Module, seed: int | None) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def _record_prompt(record: object, path: str, line: int) -> str:
-    if isinstance(record, str):
-        if not record.strip():
-            raise DataError("empty prompt", path=path, line=line)
-        return record
-    if not isinstance(record, dict):
-        raise DataError(
-            f"expected an object or a string, found {type(record).__name__}", path=path, line=line
-        )
-    field = next((name for name in PROMPT_FIELDS if name in record), None)
-    if field is None:
-        raise DataError(
-            f"no prompt field; expected one of {', '.join(PROMPT_FIELDS)}, found {', '.join(map(str, record)) or 'none'}",
-            path=path,
-            line=line,
-            field="prompt",
-        )
-    value = record[field]
-    if not isinstance(value, str) or not value.strip():
-        raise DataError("must be a non-empty string", path=path, line=line, field=field)
-    if field == "instruction":
-        extra = record.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise DataError("must be a string", path=path, line=line, field="input")
-        if extra and extra.strip():
-            return f"{value}\n\n{extra}"
-    return value
