@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +106,32 @@ def test_peak_rss_child_prints_one_json_line(capsys):
     model_bench._child(["--peak-rss", json.dumps(spec)])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["variant"] == "fused shared" and record["peak_mib"] >= record["rss_before_mib"] > 0
+
+
+def test_device_bench_smoke_on_the_cpu(tmp_path):
+    # The GPU benchmark of scripts/gpu_check.sh, at tiny shapes on the CPU: every path but CUDA timing runs.
+    out = tmp_path / "device.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_bench.py"), "--tiny", "--device", "cpu",
+         "--compile-backend", "none", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["sync_check"]["checked"] is False  # CUDA only
+    names = set(result["layers"][0]["variants"])
+    assert names == {"bare", "peft r=32", "fused per_expert", "fused shared", "fused p=0"}
+
+
+@pytest.mark.slow
+def test_gpu_check_script_parses_and_stops_cleanly_without_a_gpu(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # the same path on a GPU machine
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 1 and "no CUDA device visible to torch" in proc.stdout
