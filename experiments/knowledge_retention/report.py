@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
-from run import GROUPS_OFF, METHODS, SIZES, queue, item_key, parse_run  # noqa: E402
+from run import GROUPS_OFF, METHODS, SIZES, item_key, parse_run, queue  # noqa: E402
 from scoring import decode_values, paired_ratio  # noqa: E402
 from sets import CBQA  # noqa: E402
 
@@ -58,9 +58,9 @@ def down_mean(rec: dict, seed: int = 0) -> tuple[float, float, float]:
 
 
 def pooled(vals: list[float]) -> tuple[float, float, float]:
-    from scoring import wilson
+    from loramoe.eval.metrics import wilson_interval
 
-    lo, hi = wilson(sum(vals), len(vals))
+    lo, hi = wilson_interval(sum(vals), len(vals))
     return sum(vals) / len(vals), lo, hi
 
 

@@ -9,12 +9,13 @@ can be computed later from the committed results.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
 from evaluator import MAX_NEW_TOKENS, TASKS  # experiments/forgetting/evaluator.py: round 1's task table
+
+from loramoe.eval.metrics import Z95, mean_interval, wilson_interval
 
 log = logging.getLogger("knowledge_retention")
 
@@ -22,28 +23,6 @@ log = logging.getLogger("knowledge_retention")
 SUITES = {**TASKS, "webq": TASKS["efficientqa"]}
 assert SUITES["webq"].max_new_tokens == MAX_NEW_TOKENS
 CHAT_RANKED = {"sst2", "rte", "boolq", "agnews"}  # label words under the chat template; rome / lama: plain cloze
-Z = 1.959964
-
-
-def wilson(k: float, n: int) -> tuple[float, float]:
-    """95 % Wilson interval of a proportion k / n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + Z * Z / n
-    mid = (p + Z * Z / (2 * n)) / den
-    half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, float]:
-    """95 % normal interval of a mean (continuous scores: ROUGE-L)."""
-    n = len(values)
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1))
-    return (m - Z * sd / math.sqrt(n), m + Z * sd / math.sqrt(n))
-
-
 def encode_values(values: Sequence[float], binary: bool) -> str | list[float]:
     """Per-item values, compact for JSON: a 0/1 string for accuracies, rounded floats otherwise."""
     return "".join("1" if v else "0" for v in values) if binary else [round(v, 4) for v in values]
@@ -56,7 +35,11 @@ def decode_values(stored: str | list[float]) -> list[float]:
 def summary(values: Sequence[float], binary: bool) -> dict[str, Any]:
     n = len(values)
     score = sum(values) / n
-    lo, hi = wilson(sum(values), n) if binary else mean_interval(values)
+    if binary:
+        lo, hi = wilson_interval(sum(values), n)
+    else:  # a continuous score (ROUGE-L): the normal interval, (score, score) for a single item
+        stderr = mean_interval(values)["stderr"] or 0.0
+        lo, hi = score - Z95 * stderr, score + Z95 * stderr
     return {"score": score, "n": n, "lo": lo, "hi": hi, "values": encode_values(values, binary)}
 
 

@@ -288,12 +288,14 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
 
     Args:
         successes: Items scored 1.
-        n: Items scored (at least one).
+        n: Items scored.
         z: Interval half-width in standard normal quantiles (:data:`Z95`: 95 %).
 
     Returns:
-        ``(low, high)``.
+        ``(low, high)``; ``(0.0, 1.0)`` when no item was scored.
     """
+    if n == 0:
+        return 0.0, 1.0
     p = successes / n
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
