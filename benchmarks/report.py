@@ -318,8 +318,47 @@ def render(r: dict) -> str:
         ]
         lines += _table(["variant", "train fwd+bwd ms", "adapter ms", "inference fwd ms", "adapter ms"], rows)
     lines += [""]
-    lines += [FINDINGS, ""]
+    lines += revisions(r)
+    lines += [FINDINGS, "", SCALING_OUT, ""]
     return "\n".join(lines)
+
+
+def revisions(r: dict) -> list[str]:
+    """The layer of an earlier revision beside the current one (``benchmarks/revisions.py --into``)."""
+    rv = r.get("revisions")
+    if not rv:
+        return []
+    load = " / ".join(", ".join(f"{v:.1f}" for v in la) for la in rv["load_average"])
+    lines = [
+        f"## Before / after: the layer of `{rv['before']}` beside this checkout's",
+        "",
+        f"Measured on {rv['date']} by `{rv['command']}` ({rv['elapsed_s']} s; load average before / after {load}): "
+        "one frozen float32 linear, 4 x 256 tokens, N = 6 (16 for top-2), R = 4, CPU time of one thread, each "
+        "ratio the median of per-round ratios. The earlier layer cached its stacked weights for generation "
+        "(keyed on torch's private version counter); this one builds them once per `cached_stacking` block, "
+        "which `loramoe.generate` opens.",
+        "",
+    ]
+    train = {k: v for k, v in rv["results"].items() if k.startswith("train")}
+    rows = [
+        [k.removeprefix("train "), _f(v["adapter_ms_before"], 1), _f(v["adapter_ms_after"], 1),
+         _f(v["step_after/before"])]
+        for k, v in train.items()
+    ]  # fmt: skip
+    lines += _table(["train fwd+bwd", "adapter ms before", "adapter ms after", "step after / before"], rows)
+    gen = {k: v for k, v in rv["results"].items() if k.startswith("generate")}
+    rows = [
+        [k.removeprefix("generate "), _f(v["ms_before"], 1), _f(v["ms_after"], 1),
+         _f(v["ms_after_cached_stacking"], 1), _f(v["after/before"]), _f(v["after cached_stacking/before"])]
+        for k, v in gen.items()
+    ]  # fmt: skip
+    lines += [""]
+    lines += _table(
+        ["no-grad forward (base + adapter)", "ms before", "ms after", "ms after, cached", "after / before",
+         "cached / before"],
+        rows,
+    )  # fmt: skip
+    return lines + [""]
 
 
 METHOD = """## How it is measured
@@ -367,18 +406,23 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    sparse product over the dropped entries only. Those are drawn directly: the gaps between dropped entries of
    i.i.d. Bernoulli(p) trials are Geometric(p), sampled by inversion in float64, so about p * N * M * D draws (5 %)
    instead of N * M * D; the correction is one CSR sparse-dense product forward and per-rank gathers/scatters
-   backward (`_SparseExpertInput`); autograd keeps int32 index lists, not masks. Same distribution, and values and
-   gradients equal to explicit masks (both checked in `tests/test_benchmarks.py`).
-2. **Shared dropout** draws the dropped positions the same way and zeroes them in one copy of x (`index_fill`);
+   backward (`_kernels._SparseExpertInput`); autograd keeps int32 index lists, not masks. A fixed number of gaps is
+   drawn (8 standard deviations above the expected count, the overshoot pointing at a sentinel), so no count is
+   read on the host. Same distribution (except with probability below 1e-15 per call), and values and gradients
+   equal to explicit masks (both checked in `tests/test_kernels.py`).
+2. **Shared dropout** draws the dropped positions the same way and zeroes them in one copy of x (`index_fill`, on
+   a copy one slot longer that absorbs the sentinel);
    backward zeroes the same positions of the gradient. No dense Bernoulli pass and no noise tensor (PEFT keeps both).
 3. **Router and experts in one GEMM** (no dropout, or per-expert dropout): x @ [A; W_g]^T, so one gradient GEMM
    back to x instead of two plus an add; its width is padded to a multiple of 16 rows because MKL ran a 30-wide
    output at half the speed of a 32-wide one.
 4. **Fast layout for the up-projection**: B is used as (N*R, O) row-major (`h @ B_KO`) instead of `F.linear` with an
    (O, N*R) weight; MKL runs this skinny GEMM 2x faster at O = 1536. The `+ result` is fused into it (`addmm`).
-5. **No per-call rebuild in generation**: `[A; W_g; 0]` and B's (N*R, O) layout are rebuilt on every call while
-   autograd needs them, and cached otherwise (keyed on the parameters' versions, so an optimizer step or
-   `load_state_dict` invalidates them): three fewer ops per adapted linear per decoding step.
+5. **No per-call rebuild in generation**: `[A; W_g; 0]` and B's (N*R, O) layout are rebuilt on every call, except
+   inside a `cached_stacking(model)` block (which `loramoe.generate` opens: the caller promises not to change the
+   adapter inside, as with `torch.nn.utils.parametrize.cached()`): three fewer ops per adapted linear per decoding
+   step. The earlier cache keyed on torch's private version counter; the before / after table above measures the
+   change.
 6. **Scaling folded**: `alpha / R`, the router weight and dropout's `1 / (1 - p)` are one (M, N) scale of the
    (M, N, R) hidden, never an (M, O) multiply.
 7. **Top-k computes only the chosen experts**: the M * k (token, expert) pairs are sorted by expert (one stable
@@ -390,7 +434,27 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    outweigh the gather and scatter of (M * k) rows: at R = 32 the library's top-2 of 16 costs well under dense;
    at the default R = 4 the expert GEMMs are so cheap and memory-bound that moving the rows costs more than
    computing every expert (the two top-k tables above). Per-expert dropout is natural here: each gathered row is
-   one (token, expert) pair, so one dropout call draws an independent mask per expert.
+   one (token, expert) pair, so one dropout call draws an independent mask per expert. The grouped form reads the
+   experts' token counts on the host (one sync per linear), so it runs on the CPU only; on an accelerator and
+   under `torch.compile` top-k takes the dense-masked form, which has no sync and, at R = 4, is the faster one.
+8. **No host-device sync in a training step**: nothing in the layer, the LBC or the router recorder reads a tensor's
+   value on the host (proved by running a whole step on the `meta` device, where any such read raises), and the
+   layer compiles with `fullgraph=True` to the eager values and gradients (`tests/test_compile.py`). On the CPU the
+   per-expert dropout keeps MKL's CSR product (the fastest measured there); compiled or on an accelerator it is an
+   `index_add` with the same draws.
+"""
+
+SCALING_OUT = """## Scaling out: what was verified where
+
+| what | where | how |
+|---|---|---|
+| training step without host syncs (dense, per-expert / shared dropout, top-k) | CPU-tested | `meta`-device step and `fullgraph=True` compile (`aot_eager`), `tests/test_compile.py` |
+| same on a GPU (`torch.cuda.set_sync_debug_mode("error")`), inductor speed | GPU-ready, not run | `scripts/gpu_check.sh` (`benchmarks/device_bench.py`); no GPU is lent to this project |
+| FSDP2 (`fully_shard`), 2 ranks against 1 process, adapter saved whole from shards | CPU-tested (gloo) | `tests/test_distributed.py`, `tests/scripts/fsdp_train.py`: losses and adapters bit-identical |
+| FSDP through `accelerate launch` (shipped config) | GPU-ready, not run; refused on the CPU | accelerate 1.16 enables FSDP only on accelerators and would run DDP; loramoe stops with that reason |
+| DeepSpeed ZeRO-2/3 | not runnable here; configs validated | DeepSpeed's schema (`DeepSpeedConfig`) in `tests/test_recipe.py`; accelerate refuses it on the CPU and its CPU backend JIT-compiles a C++ op |
+| bfloat16 base with float32 adapters, bfloat16 autocast | CPU-tested (tiny model) | `tests/test_half_precision.py`, tolerances stated there |
+| the paper-scale recipe (LLaMA-2-7B, 8 x rank 4, bf16) | dry run on a tiny LLaMA | `tests/test_recipe.py`; the run itself needs 8 GPUs |
 """
 
 PER_EXPERT_WHY = """Why per-expert dropout misses: it is N = 6 independent masks per adapted linear (the reference's

@@ -106,13 +106,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="git revision whose layer is the 'before'")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--into",
+        type=Path,
+        help="also store the result as 'revisions' in this results JSON (docs/benchmarks.json)",
+    )
+    parser.add_argument(
+        "--md", type=Path, default=ROOT / "docs" / "benchmarks.md", help="re-rendered with --into"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     started, load = time.time(), machine()["load_average"]
     with tempfile.TemporaryDirectory() as tmp:
         results = compare(load_revision(args.rev, Path(tmp)), repeats=args.repeats)
-    print(json.dumps({"before": args.rev, "load_average": [load, machine()["load_average"]],
-                      "elapsed_s": round(time.time() - started), "results": results}, indent=1))  # fmt: skip
+    record = {
+        "before": args.rev,
+        "command": " ".join(["python benchmarks/revisions.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": [load, machine()["load_average"]],
+        "elapsed_s": round(time.time() - started),
+        "results": results,
+    }
+    print(json.dumps(record, indent=1))
+    if args.into:
+        from benchmarks import report
+
+        everything = json.loads(args.into.read_text())
+        everything["revisions"] = record
+        args.into.write_text(json.dumps(everything, indent=1) + "\n")
+        args.md.write_text(report.render(everything))
 
 
 if __name__ == "__main__":

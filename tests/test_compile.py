@@ -96,3 +96,17 @@ def test_compiled_layer_equals_eager_for_a_seed(layer_kwargs, monkeypatch):
         # tested in test_kernels.py): compare with the sync-free form that compiling uses.
         monkeypatch.setattr(_kernels, "use_cpu_kernels", lambda x: False)
     assert_compiled_equals_eager(layer)
+
+
+def test_router_statistics_of_a_step_read_nothing_on_the_host():
+    # The per-step half of the Trainer's router statistics runs on meta tensors; only a logging step reads back.
+    from loramoe.training.stats import RouterStatsCallback
+
+    stats = RouterStatsCallback(("downstream", "knowledge"), [0, 0, 1, 1])
+    meta = torch.device("meta")
+    probs = {"layer": torch.softmax(torch.randn(2, 5, 4), -1).to(meta)}
+    for _ in range(2):
+        stats.add(torch.tensor(2.0).to(meta), torch.tensor(0.1).to(meta), probs, torch.tensor([0, 1]).to(meta),
+                  torch.ones(2, 5).to(meta))  # fmt: skip
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        stats.means()  # the logging step's one read: impossible on meta, as intended
