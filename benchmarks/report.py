@@ -358,7 +358,7 @@ def revisions(r: dict) -> list[str]:
          "cached / before"],
         rows,
     )  # fmt: skip
-    return lines + [""]
+    return lines + ["", rv["note"], ""] if rv.get("note") else lines + [""]
 
 
 METHOD = """## How it is measured
