@@ -3,6 +3,7 @@ evaluators it replaced (the forgetting experiment's and the demo's), kept below 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from loramoe.eval.metrics import alias_contained, regex_match
 from tiny import tiny_model, tiny_tokenizer
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "forgetting"
+
+
+def _experiment(module: str):
+    """A module of experiments/forgetting, which imports its siblings by bare name."""
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The replaced evaluators, verbatim in what they compute (the experiments' results were produced with these)
@@ -153,11 +164,7 @@ def model_and_tokenizer():
 
 
 def test_forgetting_evaluator_reproduces_the_replaced_one_exactly(model_and_tokenizer) -> None:
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        from evaluator import evaluate as forgetting_evaluate
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    forgetting_evaluate = _experiment("evaluator").evaluate
     model, tok = model_and_tokenizer
     sets = _sets()
     want = _reference_forgetting_scores(model, tok, sets)
@@ -234,12 +241,9 @@ def test_bad_tasks_are_refused_by_name(model_and_tokenizer) -> None:
 def test_forgetting_scores_are_unchanged_on_smollm2_and_the_real_eval_sets() -> None:
     """The running experiment's numbers depend on this: the bundled model, its real suites, the same floats."""
     pytest.importorskip("rouge_score")
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        from evaluator import evaluate as forgetting_evaluate
-        from mixture import DATA, eval_sets
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    forgetting_evaluate = _experiment("evaluator").evaluate
+    mixture = _experiment("mixture")
+    DATA, eval_sets = mixture.DATA, mixture.eval_sets
     if not DATA.is_dir():
         pytest.skip(f"shared data {DATA} not found")
     from loramoe.models.base import load_base
@@ -262,11 +266,7 @@ def test_forgetting_scores_are_unchanged_on_smollm2_and_the_real_eval_sets() -> 
 
 def test_the_forgetting_evaluators_choice_helper_is_the_replaced_one(model_and_tokenizer) -> None:
     """``_choice_scores`` stays importable for the knowledge-retention experiment, with the same predictions."""
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        from evaluator import _choice_scores
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    _choice_scores = _experiment("evaluator")._choice_scores
     model, tok = model_and_tokenizer
     items = _sets()["rome"]
     assert (
