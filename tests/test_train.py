@@ -224,3 +224,26 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(loramoe_run, f
         ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-12, ...\); resume it"
     ):
         train(run_config(files, out))
+
+
+def test_the_lm_loss_is_scaled_like_the_stock_trainers_when_tokens_are_averaged_across_processes(
+    files, tmp_path
+):
+    # Under DDP the Trainer divides each process's token sum by the tokens of all processes and DDP then averages
+    # the gradients, so the stock Trainer multiplies the loss by the number of processes; the LBC is a
+    # per-process mean and keeps its weight. One process stands in for several by the scale it reports.
+    from loramoe.loss import compute_loss
+    from loramoe.training.train import build_trainer
+
+    trainer = build_trainer(run_config(files, tmp_path / "scaled"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    model = trainer.model.train()
+    torch.manual_seed(0)
+    parts = compute_loss(model, dict(batch), num_items_in_batch=tokens)
+    assert trainer.token_average_scale(tokens) == 1  # one process: the stock Trainer does not scale either
+    trainer.token_average_scale = lambda num_items: 3 if num_items is not None else 1
+    torch.manual_seed(0)
+    total = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
+    assert parts.lbc > 0
+    assert total.item() == pytest.approx(3 * parts.lm.item() + parts.lbc.item(), rel=1e-5)
