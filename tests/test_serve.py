@@ -407,6 +407,22 @@ def test_overload_gets_429_and_no_request_is_lost(adapters):
         assert chat(busy.url, {"messages": USER, "max_tokens": 2}).status_code == 200  # and it keeps serving
 
 
+def test_a_stream_whose_client_leaves_is_dropped_from_its_batch(adapters):
+    with running(adapters["endless"], max_batch_size=1) as server:
+        body = {"model": "tiny", "messages": USER, "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            next(response.iter_lines())
+            deadline = time.monotonic() + 60
+            while (
+                not server.state.batcher._batch and time.monotonic() < deadline
+            ):  # wait until its batch runs
+                time.sleep(0.01)
+            job = server.state.batcher._batch[0]
+        while server.state.batcher._batch and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.cancelled and not job.done  # it left the batch without running to its 400 tokens
+
+
 def test_a_request_past_its_timeout_gets_504(adapters):
     with running(adapters["endless"], timeout=0.05, batch_wait_ms=300.0) as slow:
         response = chat(slow.url, {"messages": USER, "max_tokens": 5})
