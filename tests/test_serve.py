@@ -255,6 +255,13 @@ def test_a_seed_makes_sampling_repeatable(server):
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
 
 
+def test_a_tiny_temperature_samples_like_greedy(server):
+    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 8}
+    greedy = chat(server.url, {**body, "temperature": 0}).json()["choices"][0]["message"]["content"]
+    nearly = chat(server.url, {**body, "temperature": 1e-40, "seed": 3})
+    assert nearly.status_code == 200 and nearly.json()["choices"][0]["message"]["content"] == greedy
+
+
 def test_router_stats_on_demand(server):
     client = server.client()
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0)

@@ -255,9 +255,9 @@ class Decoder:
         tokens_b = logits_bV.argmax(dim=-1)
         for row, (seq, generator) in enumerate(zip(seqs, generators)):
             if generator is not None:
-                probs_V = _top_p(
-                    torch.softmax(logits_bV[row] / seq.sampling.temperature, dim=-1), seq.sampling.top_p
-                )
+                # The maximum is subtracted first so that a tiny temperature gives 0 and -inf, never inf - inf.
+                scaled_V = (logits_bV[row] - logits_bV[row].max()) / seq.sampling.temperature
+                probs_V = _top_p(torch.softmax(scaled_V, dim=-1), seq.sampling.top_p)
                 tokens_b[row] = torch.multinomial(probs_V, 1, generator=generator)[0]
         return tokens_b
 
