@@ -108,6 +108,7 @@ def test_peak_rss_child_prints_one_json_line(capsys):
     assert record["variant"] == "fused shared" and record["peak_mib"] >= record["rss_before_mib"] > 0
 
 
+@pytest.mark.slow  # about 20-30 s of imports and tiny timings; the code it covers runs only on a GPU
 def test_device_bench_smoke_on_the_cpu(tmp_path):
     # The GPU benchmark of scripts/gpu_check.sh, at tiny shapes on the CPU: every path but CUDA timing runs.
     out = tmp_path / "device.json"
