@@ -122,7 +122,8 @@ class LoRAMoELinear(nn.Module):
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Router probabilities ``softmax(W_g x)`` in float32, shape ``(..., N)``."""
-        return torch.softmax(self._logits(F.linear(x.to(self.loramoe_router.dtype), self.loramoe_router)), dim=-1)
+        logits = F.linear(x.to(self.loramoe_router.dtype), self.loramoe_router)
+        return torch.softmax(self._logits(logits), dim=-1)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Router logits in float32; experts switched off get -inf, so the softmax renormalises over the rest."""
@@ -140,9 +141,8 @@ class LoRAMoELinear(nn.Module):
         if self.top_k is not None and _kernels.use_cpu_kernels(x_MD):
             return self._grouped_top_k(x_MD, result, dropout)
         down, B_HO = self._stacked()  # (H + N + pad, D), (H, O)
-        h_MH, logits_MN = self._down_and_route(
-            x_MD, down, dropout
-        )  # rows A_n m_n x (not / (1 - p) yet); W_g x
+        # Rows A_n m_n x (not yet divided by 1 - p), and the router logits W_g x.
+        h_MH, logits_MN = self._down_and_route(x_MD, down, dropout)
         probs_MN = torch.softmax(self._logits(logits_MN), dim=-1)  # G, float32
         self._call_router_hooks(probs_MN, result)
         weights_MN = probs_MN if self.top_k is None else _top_k_weights(probs_MN, self.top_k)
