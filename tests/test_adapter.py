@@ -230,7 +230,9 @@ def test_failed_load_leaves_the_model_without_loramoe_layers(saved):
 
 
 def test_adapter_saved_with_the_old_default_keeps_its_lbc_positions(tmp_path):
-    old = LoRAMoEConfig(num_experts=4, rank=2, lbc_positions="all")  # what every adapter before the new default has
+    old = LoRAMoEConfig(
+        num_experts=4, rank=2, lbc_positions="all"
+    )  # what every adapter before the new default has
     path = save_adapter(inject(tiny_model("llama"), old), tmp_path / "adapter")
     assert json.loads((path / CONFIG_NAME).read_text())["config"]["lbc_positions"] == "all"
     assert get_config(load_adapter(tiny_model("llama"), path)).lbc_positions == "all"
@@ -242,4 +244,6 @@ def test_adapter_config_without_lbc_positions_loads_as_all_positions(saved):
     del meta["config"]["lbc_positions"]  # a config written before the field existed
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     assert get_config(load_adapter(tiny_model("llama"), path)).lbc_positions == "all"
-    assert LoRAMoEConfig.from_dict(meta["config"]).lbc_positions == "non_padding"  # a new config: the new default
+    assert (
+        LoRAMoEConfig.from_dict(meta["config"]).lbc_positions == "non_padding"
+    )  # a new config: the new default

@@ -128,7 +128,8 @@ def test_errors_are_config_errors(tmp_path):
         routing_report(adapted(), tiny_tokenizer(), {"empty": []}, tmp_path)
 
 
-def test_cli_routing_on_a_saved_adapter(tmp_path, capsys):
+def saved_adapter_and_data(tmp_path):
+    """A tiny adapter saved with its base model, and one knowledge example in a JSONL file."""
     from loramoe.adapter import save_adapter
 
     model, tok = adapted(), tiny_tokenizer()
@@ -138,7 +139,12 @@ def test_cli_routing_on_a_saved_adapter(tmp_path, capsys):
     save_adapter(model, tmp_path / "adapter", base_name_or_path=str(base_dir))
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "capital of France?", "answer": "Paris"}\n')
-    rc = main(["routing", "--adapter", str(tmp_path / "adapter"), "--data", f"qa={data}:knowledge",
+    return tmp_path / "adapter", data
+
+
+def test_cli_routing_on_a_saved_adapter(tmp_path, capsys):
+    adapter, data = saved_adapter_and_data(tmp_path)
+    rc = main(["routing", "--adapter", str(adapter), "--data", f"qa={data}:knowledge",
                "--out", str(tmp_path / "out"), "--no-plot"])  # fmt: skip
     assert rc == 0
     assert (
@@ -150,20 +156,14 @@ def test_cli_routing_on_a_saved_adapter(tmp_path, capsys):
 
 
 def test_cli_routing_with_the_knowledge_group_off_puts_all_mass_on_the_downstream_group(tmp_path):
-    from loramoe.adapter import save_adapter
-
-    model, tok = adapted(), tiny_tokenizer()
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    save_adapter(model, tmp_path / "adapter", base_name_or_path=str(base_dir))
-    data = tmp_path / "qa.jsonl"
-    data.write_text('{"question": "capital of France?", "answer": "Paris"}\n')
-    args = ["routing", "--adapter", str(tmp_path / "adapter"), "--data", f"qa={data}:knowledge", "--no-plot"]
+    adapter, data = saved_adapter_and_data(tmp_path)
+    args = ["routing", "--adapter", str(adapter), "--data", f"qa={data}:knowledge", "--no-plot"]
     assert main([*args, "--out", str(tmp_path / "off"), "--experts-off", "knowledge"]) == 0
     mass = json.loads((tmp_path / "off" / "routing.json").read_text())["tasks"]["qa"]["group_mass"]
     assert mass == {"downstream": pytest.approx(1.0), "knowledge": 0.0}
     assert main([*args, "--out", str(tmp_path / "idx"), "--experts-off", "0,1"]) == 0
     mass = json.loads((tmp_path / "idx" / "routing.json").read_text())["tasks"]["qa"]["group_mass"]
     assert mass == {"downstream": 0.0, "knowledge": pytest.approx(1.0)}
-    assert main([*args, "--out", str(tmp_path / "bad"), "--experts-off", "facts"]) == 2  # a clear error, exit 2
+    assert (
+        main([*args, "--out", str(tmp_path / "bad"), "--experts-off", "facts"]) == 2
+    )  # a clear error, exit 2

@@ -52,7 +52,9 @@ def test_switch_equals_dense_forward_with_those_experts_zeroed_and_renormalised(
     inputs = layer_inputs(model)
     with disable_experts(model, group), torch.no_grad():
         for name, layer in adapted_modules(model).items():
-            torch.testing.assert_close(layer(inputs[name]), expert_loop_forward(layer, inputs[name], off), **TOL)
+            torch.testing.assert_close(
+                layer(inputs[name]), expert_loop_forward(layer, inputs[name], off), **TOL
+            )
 
 
 def test_switch_with_top_k_routes_among_the_experts_left_on():
@@ -61,7 +63,9 @@ def test_switch_with_top_k_routes_among_the_experts_left_on():
     with disable_experts(model, "downstream"), torch.no_grad():
         for name, layer in adapted_modules(model).items():
             got = layer(inputs[name])
-            torch.testing.assert_close(got, expert_loop_topk_forward(layer, inputs[name], 2, off=(0, 1, 2)), **TOL)
+            torch.testing.assert_close(
+                got, expert_loop_topk_forward(layer, inputs[name], 2, off=(0, 1, 2)), **TOL
+            )
 
 
 def test_switch_changes_the_output_and_is_undone_after_the_block_even_on_error():
@@ -84,7 +88,9 @@ def test_nested_switches_add_up_and_unwind_in_order():
     name, layer = next(iter(adapted_modules(model).items()))
     with torch.no_grad(), disable_experts(model, [0]):
         with disable_experts(model, "knowledge"):
-            torch.testing.assert_close(layer(inputs[name]), expert_loop_forward(layer, inputs[name], (0, 3, 4, 5)), **TOL)
+            torch.testing.assert_close(
+                layer(inputs[name]), expert_loop_forward(layer, inputs[name], (0, 3, 4, 5)), **TOL
+            )
         torch.testing.assert_close(layer(inputs[name]), expert_loop_forward(layer, inputs[name], (0,)), **TOL)
 
 
@@ -98,40 +104,47 @@ def test_recorded_router_probabilities_put_no_mass_on_experts_switched_off():
 
 
 def test_unknown_group_is_a_config_error_naming_the_groups():
-    with pytest.raises(ConfigError, match=r"unknown expert group 'facts'.*'downstream', 'knowledge'"):
-        with disable_experts(adapted(), "facts"):
-            pass
+    with (
+        pytest.raises(ConfigError, match=r"unknown expert group 'facts'.*'downstream', 'knowledge'"),
+        disable_experts(adapted(), "facts"),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("group", [[0, 1, 2, 3, 4, 5], list(range(6)) + [0]])
 def test_every_expert_off_is_a_config_error(group):
     model = adapted()
-    with pytest.raises(ConfigError, match="leaves no expert"):
-        with disable_experts(model, group):
-            pass
+    with pytest.raises(ConfigError, match="leaves no expert"), disable_experts(model, group):
+        pass
     assert all(layer.experts_off is None for layer in adapted_modules(model).values())
 
 
 def test_switching_off_the_rest_inside_a_switch_is_a_config_error_and_keeps_the_outer_switch():
     model = adapted()
     with disable_experts(model, "knowledge"):
-        with pytest.raises(ConfigError, match="leaves none on"):
-            with disable_experts(model, "downstream"):
-                pass
-        assert all(layer.experts_off.tolist() == [False] * 3 + [True] * 3 for layer in adapted_modules(model).values())
+        with pytest.raises(ConfigError, match="leaves none on"), disable_experts(model, "downstream"):
+            pass
+        assert all(
+            layer.experts_off.tolist() == [False] * 3 + [True] * 3
+            for layer in adapted_modules(model).values()
+        )
 
 
 @pytest.mark.parametrize("group", [[6], [-1], [], [True], ["0"]])
 def test_bad_indices_are_a_config_error(group):
-    with pytest.raises(ConfigError, match=r"expert indices must be .* in \[0, 6\)"):
-        with disable_experts(adapted(), group):
-            pass
+    with (
+        pytest.raises(ConfigError, match=r"expert indices must be .* in \[0, 6\)"),
+        disable_experts(adapted(), group),
+    ):
+        pass
 
 
 def test_a_model_without_loramoe_is_a_config_error():
-    with pytest.raises(ConfigError, match="no LoRAMoE adapter"):
-        with disable_experts(tiny_model("llama"), "knowledge"):
-            pass
+    with (
+        pytest.raises(ConfigError, match="no LoRAMoE adapter"),
+        disable_experts(tiny_model("llama"), "knowledge"),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(

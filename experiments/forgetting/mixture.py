@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from evaluator import DOWNSTREAM
@@ -160,17 +161,20 @@ def eval_sets(n: dict[str, int]) -> dict[str, list[dict]]:
             {"prompt": r["prompt"], "choices": [c + r["suffix"] for c in r["choices"]], "gold": r["gold"]}
             for r in rows
         ]
-    labels = {"sst2": SST2_LABELS, "agnews": AG_LABELS, "rte": YES_NO, "boolq": YES_NO}
     for task in DOWNSTREAM:
         rows = random.Random(f"forgetting:{task}").sample(downstream_rows(task, "eval"), n[task])
-        items = []
-        for row in rows:
-            text, gold = _record(task, row)
-            item = {"prompt": f"{INSTR[task]}\n{text}"}
-            if task == "xsum":
-                item["golds"] = [gold]
-            else:
-                item["choices"], item["gold"] = labels[task], labels[task].index(gold)
-            items.append(item)
-        sets[task] = items
+        sets[task] = [eval_item(task, row) for row in rows]
     return sets
+
+
+def eval_item(task: str, row: dict, prompt: Callable[[str], str] | None = None) -> dict:
+    """One downstream eval item of a held-out row: the prompt (by default the instruction and the input, as in SFT;
+    ``prompt`` maps the input text to another) and the gold summary (XSum) or the label choices and gold index."""
+    text, gold = _record(task, row)
+    item: dict = {"prompt": prompt(text) if prompt else f"{INSTR[task]}\n{text}"}
+    if task == "xsum":
+        item["golds"] = [gold]
+    else:
+        labels = {"sst2": SST2_LABELS, "agnews": AG_LABELS, "rte": YES_NO, "boolq": YES_NO}[task]
+        item["choices"], item["gold"] = labels, labels.index(gold)
+    return item

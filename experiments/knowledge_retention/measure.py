@@ -82,7 +82,14 @@ def main() -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         score_sets(model, tok, {suite: items[:: max(1, len(items) // k)][:k]})
         per_item[suite] = round((time.process_time() - c0) / k, 4)
-        print(suite, per_item[suite], "cpu s/item;", round((time.perf_counter() - t0) / k, 4), "wall", flush=True)
+        print(
+            suite,
+            per_item[suite],
+            "cpu s/item;",
+            round((time.perf_counter() - t0) / k, 4),
+            "wall",
+            flush=True,
+        )
     res["eval_seconds_per_item"] = per_item
     res["eval_seconds"] = round(sum(per_item[s] * EVAL_N[s] for s in EVAL_N))
     res["group_off_fraction"] = round(

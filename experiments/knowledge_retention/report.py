@@ -52,7 +52,8 @@ def down_mean(rec: dict, seed: int = 0) -> tuple[float, float, float]:
     mean = sum(sum(v) / len(v) for v in per) / len(per)
     rng = random.Random(seed)
     stats = sorted(
-        sum(sum(v[rng.randrange(len(v))] for _ in v) / len(v) for v in per) / len(per) for _ in range(DRAWS // 4)
+        sum(sum(v[rng.randrange(len(v))] for _ in v) / len(v) for v in per) / len(per)
+        for _ in range(DRAWS // 4)
     )
     return mean, stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
@@ -79,6 +80,10 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
         row = {"name": name, "method": method, "size": size, "seed": rec["seed"], "rec": rec,
                "cbqa": pooled(cbqa_values(rec)), "down": down_mean(rec)}  # fmt: skip
         if ref is not None and size:
+            if any(rec["sets"][s] != ref["sets"][s] for s in CBQA):
+                raise SystemExit(
+                    f"{name} and its reference were scored on different CBQA items (set fingerprints)"
+                )
             r = paired_ratio(cbqa_values(rec), cbqa_values(ref), draws=DRAWS)
             row["retention"] = (r["ratio"], r["lo"], r["hi"])
             w = paired_ratio(values(rec, "webq"), values(ref, "webq"), draws=DRAWS)
@@ -105,7 +110,9 @@ def tables(res: dict[str, dict]) -> str:
         "of SST-2, RTE, BoolQ, AG News accuracy and XSum ROUGE-L on held-out rows. 95 % intervals in brackets."
     )
     lines.append("")
-    lines.append("| method | downstream n | seed | steps | CBQA | retention | WebQ | WebQ retention | EfficientQA | TREC | downstream |")
+    lines.append(
+        "| method | downstream n | seed | steps | CBQA | retention | WebQ | WebQ retention | EfficientQA | TREC | downstream |"
+    )
     lines.append("|---|---:|---:|---:|---|---|---|---|---|---|---|")
     if "base" in res:
         b = res["base"]
@@ -154,7 +161,10 @@ def group_off_table(res: dict[str, dict]) -> list[str]:
     for run in sorted({res[k]["run"] for k in done}):
         if run not in res:
             continue
-        for label, rec in [("all", res[run]), *[(f"{g} off", res.get(f"{run}__{g}_off")) for g in GROUPS_OFF]]:
+        for label, rec in [
+            ("all", res[run]),
+            *[(f"{g} off", res.get(f"{run}__{g}_off")) for g in GROUPS_OFF],
+        ]:
             if rec is None:
                 continue
             s = rec["scores"]

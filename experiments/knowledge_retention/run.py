@@ -55,7 +55,10 @@ METHODS = {
     "loramoe_lbc": ("loramoe", {"lbc_delta": 0.1, "lbc_weight": 0.1, "lbc_positions": "non_padding"}),
     # beyond the paper: sparse top-2 routing and a strong LBC, so a knowledge token's two experts tend to be
     # knowledge experts and the downstream experts are mostly out of its path
-    "loramoe_top2": ("loramoe", {"top_k": 2, "lbc_delta": 0.3, "lbc_weight": 1.0, "lbc_positions": "non_padding"}),
+    "loramoe_top2": (
+        "loramoe",
+        {"top_k": 2, "lbc_delta": 0.3, "lbc_weight": 1.0, "lbc_positions": "non_padding"},
+    ),
     "full": ("full", {}),
     "loramoe_nolbc": ("loramoe", {"lbc_weight": 0.0}),
 }
@@ -168,7 +171,9 @@ def routing_masses(model, tok, sets: dict[str, list[dict]], per_suite: int = 48)
                     task_type=1 if suite in CBQA else 0, source=suite)
             for it in items
         ]  # fmt: skip
-        usage[suite], types[suite] = expert_usage(model, tok, examples, template="chat", max_length=96, progress=False)
+        usage[suite], types[suite] = expert_usage(
+            model, tok, examples, template="chat", max_length=96, progress=False
+        )
     report = summarize(usage, types, group_of_expert=cfg.group_of_expert(), task_names=cfg.task_names)
     return {
         "suites": {s: v["group_mass"] for s, v in report["tasks"].items()},
@@ -256,7 +261,9 @@ def do_off(name: str, group: str, sets, out: Path, threads: int) -> dict[str, An
         return None
     run_dir = out / name
     if not (run_dir / "adapter_config.json").exists():
-        log.info("skip %s with %s off: the run's adapter is not here (a later session retrains it)", name, group)
+        log.info(
+            "skip %s with %s off: the run's adapter is not here (a later session retrains it)", name, group
+        )
         return None
     t0, c0 = time.time(), time.process_time()
     model, tok = load_trained(run_dir)
@@ -289,7 +296,9 @@ def status(results: Path) -> None:
             cost = _estimate(item, est)
             left += cost
             print(f"todo  {key:36s} {cost / 60:6.0f} CPU-min (estimated)")
-    print(f"done: {done_cpu / 3600:.1f} CPU-hours measured; left: ~{left / 3600:.1f} CPU-hours estimated (timing.json)")
+    print(
+        f"done: {done_cpu / 3600:.1f} CPU-hours measured; left: ~{left / 3600:.1f} CPU-hours estimated (timing.json)"
+    )
 
 
 def _estimate(item: tuple[str, ...], est: dict) -> float:
@@ -318,13 +327,21 @@ def _claim(out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="toy sizes and eval sets into outputs/knowledge_retention_smoke")
+    ap.add_argument(
+        "--smoke", action="store_true", help="toy sizes and eval sets into outputs/knowledge_retention_smoke"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--out", type=Path, default=None, help="models and checkpoints (default outputs/knowledge_retention)")
-    ap.add_argument("--results", type=Path, default=None, help="the finished items' JSON (default: results/ here)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="models and checkpoints (default outputs/knowledge_retention)"
+    )
+    ap.add_argument(
+        "--results", type=Path, default=None, help="the finished items' JSON (default: results/ here)"
+    )
     ap.add_argument("--only", nargs="*", help="run only these queue items (keys as --status prints them)")
     ap.add_argument("--status", action="store_true", help="print the queue and what is left, and exit")
-    ap.add_argument("--report", action="store_true", help="write docs/results.md's block and figure, and exit")
+    ap.add_argument(
+        "--report", action="store_true", help="write docs/results.md's block and figure, and exit"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     out = args.out or (OUT.with_name("knowledge_retention_smoke") if args.smoke else OUT)
@@ -349,7 +366,13 @@ def main() -> int:
         key = item_key(item)
         if args.only and key not in args.only:
             continue
-        if args.smoke and item[0] == "run" and parse_run(item[1])[1] not in (0, 1000) or args.smoke and "_s2" in key:
+        if (
+            args.smoke
+            and item[0] == "run"
+            and parse_run(item[1])[1] not in (0, 1000)
+            or args.smoke
+            and "_s2" in key
+        ):
             continue
         path = results / f"{key}.json"
         if path.exists():

@@ -23,6 +23,8 @@ log = logging.getLogger("knowledge_retention")
 SUITES = {**TASKS, "webq": TASKS["efficientqa"]}
 assert SUITES["webq"].max_new_tokens == MAX_NEW_TOKENS
 CHAT_RANKED = {"sst2", "rte", "boolq", "agnews"}  # label words under the chat template; rome / lama: plain cloze
+
+
 def encode_values(values: Sequence[float], binary: bool) -> str | list[float]:
     """Per-item values, compact for JSON: a 0/1 string for accuracies, rounded floats otherwise."""
     return "".join("1" if v else "0" for v in values) if binary else [round(v, 4) for v in values]

@@ -22,15 +22,13 @@ from pathlib import Path
 
 from evaluator import DOWNSTREAM  # experiments/forgetting/evaluator.py
 from mixture import (  # experiments/forgetting/mixture.py: the downstream record formats and eval rows
-    AG_LABELS,
     DATA,
-    SST2_LABELS,
-    YES_NO,
     INSTR,
     _jsonl,
     _record,
     _tsv,
     downstream_rows,
+    eval_item,
     eval_sets,
 )
 
@@ -52,7 +50,9 @@ def cbqa_eval_rows() -> dict[str, list[dict]]:
     """Every closed-book QA evaluation row (full splits): ``{"prompt", "golds"}``; TREC's gold is a regex."""
     webq = json.loads((DATA / "webquestions" / "test.json").read_text(encoding="utf-8"))
     eqa = _jsonl(DATA / "nq_open" / "NQ-open.efficientqa.dev.1.1.jsonl")
-    trec = _tsv(DATA / "trec_factoid_curated" / "curated-test.tsv", False, ["id", "type", "question", "pattern"])
+    trec = _tsv(
+        DATA / "trec_factoid_curated" / "curated-test.tsv", False, ["id", "type", "question", "pattern"]
+    )
     return {
         "webq": [{"prompt": r["qText"], "golds": r["answers"]} for r in webq],
         "efficientqa": [{"prompt": r["question"], "golds": r["answer"]} for r in eqa],
@@ -177,7 +177,9 @@ def sft_sources(folder: Path, downstream: int) -> list[dict]:
         down = folder / f"downstream_{downstream}.jsonl"
         if not down.exists():
             write_jsonl(down, downstream_records(downstream))
-        sources.append({"path": str(down), "name": "downstream", "format": "alpaca", "task_type": "downstream"})
+        sources.append(
+            {"path": str(down), "name": "downstream", "format": "alpaca", "task_type": "downstream"}
+        )
     return sources
 
 
@@ -189,22 +191,20 @@ def evaluation_sets(n: dict[str, int]) -> dict[str, list[dict]]:
     sets = {}
     for suite in CBQA:
         sets[suite] = _prefix(rows[suite], n[suite], f"kr:eval:{suite}")
-    probes = eval_sets({"trec": 1, "efficientqa": 1, **{s: n[s] for s in PROBES}, **dict.fromkeys(DOWNSTREAM, 1)})
+    probes = eval_sets(
+        {"trec": 1, "efficientqa": 1, **{s: n[s] for s in PROBES}, **dict.fromkeys(DOWNSTREAM, 1)}
+    )
     sets.update({s: probes[s] for s in PROBES})
     fitter = Fitter()
-    labels = {"sst2": SST2_LABELS, "agnews": AG_LABELS, "rte": YES_NO, "boolq": YES_NO}
     for task in DOWNSTREAM:
-        pool = downstream_rows(task, "eval")
-        items = []
-        for row in _prefix(pool, n[task], f"kr:eval:{task}"):
-            text, gold = _record(task, row)
-            item = {"prompt": fitter.prompt(INSTR[task], text, MAX_LENGTH - answer_budget(task))}
-            if task == "xsum":
-                item["golds"] = [gold]
-            else:
-                item["choices"], item["gold"] = labels[task], labels[task].index(gold)
-            items.append(item)
-        sets[task] = items
+        budget = MAX_LENGTH - answer_budget(task)
+        rows = _prefix(downstream_rows(task, "eval"), n[task], f"kr:eval:{task}")
+        sets[task] = [
+            eval_item(
+                task, row, lambda text, task=task, budget=budget: fitter.prompt(INSTR[task], text, budget)
+            )
+            for row in rows
+        ]
     return sets
 
 

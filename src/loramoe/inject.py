@@ -139,10 +139,16 @@ def experts_spec(value: str | Sequence[int]) -> str | list[int]:
     if isinstance(value, str):
         text = value.strip()
         if not text:
-            raise ConfigError("experts_off is empty; give an expert group name (knowledge, downstream) or indices like 0,2")
+            raise ConfigError(
+                "experts_off is empty; give an expert group name (knowledge, downstream) or indices like 0,2"
+            )
         parts = [p.strip() for p in text.split(",")]
         return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
-    if isinstance(value, Sequence) and value and all(isinstance(e, int) and not isinstance(e, bool) for e in value):
+    if (
+        isinstance(value, Sequence)
+        and value
+        and all(isinstance(e, int) and not isinstance(e, bool) for e in value)
+    ):
         return list(value)
     raise ConfigError(f"experts_off must be an expert group name or a list of expert indices, got {value!r}")
 
@@ -172,7 +178,9 @@ def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn
         off = list(group)
         bad = [e for e in off if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n]
         if bad or not off:
-            raise ConfigError(f"expert indices must be a non-empty list of ints in [0, {n}); got {list(group)!r}")
+            raise ConfigError(
+                f"expert indices must be a non-empty list of ints in [0, {n}); got {list(group)!r}"
+            )
     mask = torch.zeros(n, dtype=torch.bool)
     mask[off] = True
     if mask.all():
@@ -184,7 +192,9 @@ def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn
         if layer.experts_off.all():
             for restore, state in zip(layers, before):
                 restore.experts_off = state
-            raise ConfigError(f"switching off {sorted(set(off))} on top of the experts already off leaves none on")
+            raise ConfigError(
+                f"switching off {sorted(set(off))} on top of the experts already off leaves none on"
+            )
     try:
         yield model
     finally:

@@ -18,7 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a base model or an adapter on the knowledge and downstream suites"
     )
     p.add_argument("config", nargs="?", help="YAML file of eval settings (flags override it)")
-    for name in ("model", "adapter", "tasks", "data_dir", "output_dir", "label", "device", "dtype", "experts_off"):
+    for name in (
+        "model",
+        "adapter",
+        "tasks",
+        "data_dir",
+        "output_dir",
+        "label",
+        "device",
+        "dtype",
+        "experts_off",
+    ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=docs[name])
     for name in ("limit", "batch_size", "max_new_tokens", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])

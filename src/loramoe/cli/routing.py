@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.data:
         name, path, task_type = parse_data_arg(spec, names)
         tasks[name] = load_examples(SourceConfig(path=path, name=name, task_type=task_type), names)
-    off = disable_experts(model, experts_spec(args.experts_off)) if args.experts_off else contextlib.nullcontext()
+    off = (
+        disable_experts(model, experts_spec(args.experts_off))
+        if args.experts_off
+        else contextlib.nullcontext()
+    )
     with off:
         report = routing_report(
             model, tokenizer, tasks, args.out, max_examples=args.max_examples, batch_size=args.batch_size,

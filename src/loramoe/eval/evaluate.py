@@ -192,12 +192,18 @@ def _run_tasks(
         "tasks": {},
         "seconds": 0.0,
     }
-    off = disable_experts(lm.model, cfg.experts_off) if cfg.experts_off is not None else contextlib.nullcontext()
+    off = (
+        disable_experts(lm.model, cfg.experts_off)
+        if cfg.experts_off is not None
+        else contextlib.nullcontext()
+    )
     with off:
         for task in tasks:
             spec = TASKS[task]
             limit = spec.limit if cfg.limit is None else (cfg.limit or None)
-            gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
+            gen_kwargs = (
+                {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
+            )
             t0, c0 = time.perf_counter(), time.process_time()
             out = lm_eval.simple_evaluate(
                 model=lm,
@@ -212,7 +218,8 @@ def _run_tasks(
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
             result["seconds"] = round(time.perf_counter() - start, 2)
-            write_results(result, cfg.output_dir)  # after every task: an interrupted run keeps what it measured
+            # after every task: an interrupted run keeps what it measured
+            write_results(result, cfg.output_dir)
             log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
 
     return result
