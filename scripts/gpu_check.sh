@@ -6,7 +6,8 @@
 # a failing step is reported and the others still run. Steps:
 #   1. the layer in bfloat16, eager and torch.compile (inductor), against PEFT LoRA, at LLaMA-2-7B MLP shapes,
 #      and the host-sync check (torch.cuda.set_sync_debug_mode("error") around a training step of the layer);
-#   2. the tests that prove the claims on the CPU, now with CUDA visible (compile, kernels, half precision);
+#   2. tests/test_kernels.py, whose layer-level dropout check also runs on the GPU when one is present, with
+#      the compile, half-precision and layer tests (these stay on the CPU: a regression check of the checkout);
 #   3. FSDP2 on the GPUs present: 2 ranks (NCCL) against one process with the same data order, if there are
 #      2 GPUs; with one GPU, the same test on the CPU (gloo), as in the default suite;
 #   4. a short SmolLM2-135M training: `loramoe demo --quick` (LoRAMoE and LoRA, 16 steps each, then evaluation).

@@ -17,6 +17,8 @@ from reference import expert_loop_topk_forward
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32, only the summation order differs
 CPU = torch.device("cpu")
+# The layer-level test also runs on a GPU when one is present (scripts/gpu_check.sh runs this file there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=[True, False], ids=["cpu_kernels", "sync_free"])
@@ -98,8 +100,11 @@ def test_shared_dropout_equals_a_dense_mask():
     torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], grad * keep, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout_mode", ["per_expert", "shared"])
-def test_layer_sparse_dropout_equals_explicit_masks_values_and_grads(cpu_kernels, dropout_mode, monkeypatch):
+def test_layer_sparse_dropout_equals_explicit_masks_values_and_grads(
+    cpu_kernels, dropout_mode, device, monkeypatch
+):
     drawn, draw = [], _kernels.dropped_positions
 
     def recording_draw(numel, *args):
@@ -108,16 +113,15 @@ def test_layer_sparse_dropout_equals_explicit_masks_values_and_grads(cpu_kernels
 
     monkeypatch.setattr(_kernels, "dropped_positions", recording_draw)
     n, r, d, o, m, p = 3, 2, 7, 5, 11, 0.4
-    layer = LoRAMoELinear(
-        nn.Linear(d, o), num_experts=n, rank=r, alpha=4.0, dropout=p, dropout_mode=dropout_mode
-    )
+    base = nn.Linear(d, o).to(device)
+    layer = LoRAMoELinear(base, num_experts=n, rank=r, alpha=4.0, dropout=p, dropout_mode=dropout_mode)
     layer.base_layer.requires_grad_(False)
     with torch.no_grad():
         layer.loramoe_B.normal_()
-    x = torch.randn(m, d, requires_grad=True)
+    x = torch.randn(m, d, device=device, requires_grad=True)
     out = layer.train()(x)
     numel, pos = drawn[0]
-    keep = keep_mask(numel, pos)
+    keep = keep_mask(numel, pos.cpu()).to(device)
     masks = (
         keep.view(m, n, d).transpose(0, 1)
         if dropout_mode == "per_expert"
@@ -129,7 +133,7 @@ def test_layer_sparse_dropout_equals_explicit_masks_values_and_grads(cpu_kernels
         expert = (x * masks[i] / (1 - p)) @ layer.loramoe_A[i].T @ layer.loramoe_B[i].T
         expected = expected + probs[:, i : i + 1] * layer.scaling * expert
     torch.testing.assert_close(out, expected, **TOL)
-    weight = torch.randn(m, o)
+    weight = torch.randn(m, o, device=device)
     params = [x, layer.loramoe_A, layer.loramoe_B, layer.loramoe_router]
     got = torch.autograd.grad((out * weight).sum(), params)
     want = torch.autograd.grad((expected * weight).sum(), params)
