@@ -132,7 +132,7 @@ def test_truncated_weights_are_an_adapter_error(saved):
         load_adapter(tiny_model("llama"), path)
 
 
-def test_truncated_weights_without_checksum_are_still_an_adapter_error(saved):
+def test_a_config_without_the_checksum_is_refused_not_trusted(saved):
     _, path = saved
     meta = json.loads((path / CONFIG_NAME).read_text())
     del meta["weights_sha256"]
@@ -140,7 +140,7 @@ def test_truncated_weights_without_checksum_are_still_an_adapter_error(saved):
     weights = path / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-100])
     model = tiny_model("llama")
-    with pytest.raises(AdapterError, match="safetensors"):
+    with pytest.raises(AdapterError, match=r"field 'weights_sha256': missing"):
         load_adapter(model, path)
     assert_unadapted(model)
 
@@ -241,7 +241,11 @@ def test_adapter_saved_with_the_old_default_keeps_its_lbc_positions(tmp_path):
 def test_adapter_config_without_lbc_positions_loads_as_all_positions(saved):
     _, path = saved
     meta = json.loads((path / CONFIG_NAME).read_text())
-    del meta["config"]["lbc_positions"]  # a config written before the field existed
+    del meta["config"]["lbc_positions"]
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match=r"field 'config.lbc_positions': missing"):  # format 2 requires it
+        load_adapter(tiny_model("llama"), path)
+    del meta["format_version"]  # a config written before the field existed: format 1, which defines it as "all"
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     assert get_config(load_adapter(tiny_model("llama"), path)).lbc_positions == "all"
     assert (

@@ -63,7 +63,7 @@ def test_config_defaults_by_mode_and_validation():
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path):
     base = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(base)
+    tiny_model("llama", max_position_embeddings=512).save_pretrained(base)  # the demo uses 256-token samples
     tiny_tokenizer().save_pretrained(base)
     cfg = DemoConfig(model=str(base), output_dir=str(tmp_path / "demo"), quick=True, steps=2, train_per_task=4,
                      test_per_task=2, heldout_facts=3, max_new_tokens=3, plot=False, threads=1, progress=False)  # fmt: skip

@@ -137,7 +137,7 @@ def test_leftover_temporary_from_a_killed_process_is_removed(tmp_path, fake_pack
 
 def test_incomplete_cache_dir_is_an_error_not_a_silent_load(tmp_path, fake_package, fake_convert):
     (tmp_path / "cache" / CACHE_SUBDIR).mkdir(parents=True)
-    with pytest.raises(ConfigError, match="delete it"):
+    with pytest.raises(ConfigError, match="move it away"):
         models.resolve_model("default", cache_dir=tmp_path / "cache")
     assert fake_convert == []
 

@@ -97,7 +97,9 @@ class Processes:
         self.root, self.procs, self.free = root / "procs", [], []
         self.root.mkdir()
         self.cli_case = CASES[0]
-        self.cli = self._spawn([sys.executable, "-m", "loramoe", *_argv(self.cli_case)], root, "cli")
+        # its own output directory: the in-process cases remove `out` between cases while this one runs
+        argv = [*_argv(self.cli_case), "training.output_dir=procs/out-cli"]
+        self.cli = self._spawn([sys.executable, "-m", "loramoe", *argv], root, "cli")
         for i in range(workers):
             go = self.root / f"go{i}"
             self.free.append((self._spawn([sys.executable, "-c", self.WORKER, str(go)], root, f"w{i}"), go))

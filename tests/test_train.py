@@ -190,9 +190,13 @@ def test_resume_with_a_changed_adapter_config_is_an_adapter_error(loramoe_run, f
     import shutil
 
     out = tmp_path / "run"
-    shutil.copytree(loramoe_run[0] / "checkpoint-6", out / "checkpoint-6")
+    shutil.copytree(loramoe_run[0], out)
     changed = run_config(files, out).to_dict()
     changed["loramoe"]["num_experts"] = 2
+    with pytest.raises(ConfigError, match=r"changed config: loramoe\.num_experts: was 4, now 2"):
+        train(RunConfig.from_dict(changed), resume=True)
+    # without the run's config, the checkpoint's own adapter config still tells
+    (out / RUN_CONFIG_NAME).unlink()
     with pytest.raises(AdapterError, match="config differs"):
         train(RunConfig.from_dict(changed), resume=True)
 
@@ -221,7 +225,8 @@ def test_non_finite_parameters_are_never_saved():
 def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(loramoe_run, files):
     out, _ = loramoe_run
     with pytest.raises(
-        ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-12, ...\); resume it"
+        ConfigError,
+        match=r"holds checkpoints of an earlier run \(checkpoint-12, ...\); continue it with --resume",
     ):
         train(run_config(files, out))
 

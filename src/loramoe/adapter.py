@@ -11,12 +11,16 @@ File format (for each adapted module ``M``, named as in the base model's ``named
 "weights_sha256"}``. The checksum lets a loader tell a torn or tampered weight file from a good one.
 
 Design decisions:
-- Loading never unpickles: safetensors and JSON only; a ``.bin``/``.pt`` adapter is refused with the reason.
-- Loading checks the base model's identity and every tensor's name and shape, and lists every mismatch at once.
+- Loading never unpickles: safetensors and JSON only (``loramoe.weights``); a ``.bin``/``.pt`` adapter is refused
+  with the reason.
+- Loading is strict: every field of ``adapter_config.json`` must be there (defaults only as its format version
+  documents, ``_FORMAT_DEFAULTS``), and the base model's
+  identity and every tensor's name, shape, floating dtype and finiteness are checked; every mismatch is listed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,13 +32,21 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, TrainingError
-from loramoe.files import atomic_path, atomic_write_text, sha256_file
+from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
+from loramoe.weights import weights_format
 
 CONFIG_NAME = "adapter_config.json"
+# The adapter_config.json layout written now; files without ``format_version`` are format 1.
+FORMAT_VERSION = 2
+# Per format, the config fields a file of that format may leave out and the value it was trained with. Format 1
+# (before ``format_version`` was written) predates ``lbc_positions``: those adapters counted every position. Every
+# other field is required in every format: a default that differs from the trained value gives a wrong model.
+_FORMAT_DEFAULTS: dict[int, dict[str, object]] = {1: {"lbc_positions": "all"}, 2: {}}
+MAX_CONFIG_BYTES = 1 << 20
 WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAMoEConfig))
 _ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "intermediate_size": ("n_inner",)}
 
 
@@ -137,6 +149,8 @@ def save_adapter(
     if dist.is_initialized() and dist.get_rank() != 0 and _is_sharded(model):
         return Path(out_dir)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: is a file; save_adapter writes a directory, give a directory path")
     out.mkdir(parents=True, exist_ok=True)
     identity = base_identity(model)
     if base_name_or_path is not None:
@@ -146,6 +160,7 @@ def save_adapter(
         digest = sha256_file(tmp)
     meta = {
         "format": "loramoe",
+        "format_version": FORMAT_VERSION,
         "loramoe_version": _version(),
         "config": cfg.to_dict(),
         "base_model": identity,
@@ -156,18 +171,19 @@ def save_adapter(
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, dict]:
-    """Parse and validate ``adapter_config.json``; returns (config, the whole JSON document)."""
+    """Parse and validate ``adapter_config.json``; returns (config, the whole JSON document).
+
+    The file is strict: every ``LoRAMoEConfig`` field (less those its format version defines, ``_FORMAT_DEFAULTS``),
+    every base-model identity key and the weights' checksum must be present. A missing field is an error, never a
+    default, because a default that differs from the trained value (alpha 32 for a saved 8) gives a silently wrong
+    model.
+    """
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
     if not path.is_file():
         raise AdapterError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(
-            f"{path}: not valid JSON ({err}); the file is damaged, save the adapter again"
-        ) from err
+    meta = read_json(path, error=AdapterError, what="adapter config", max_bytes=MAX_CONFIG_BYTES)
     if (
         not isinstance(meta, dict)
         or meta.get("format") != "loramoe"
@@ -176,13 +192,37 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
         raise AdapterError(
             f"{path}: not a loramoe adapter config (expected 'format': 'loramoe' and a 'config' object)"
         )
+    version = meta.get("format_version", 1)
+    if version not in _FORMAT_DEFAULTS:
+        raise AdapterError(
+            f"{path} field 'format_version': {version!r} is not a format this loramoe reads "
+            f"({', '.join(map(str, _FORMAT_DEFAULTS))}); load it with the loramoe version that saved it, or upgrade "
+            "loramoe"
+        )
     if not isinstance(meta.get("base_model", {}), dict):
         raise AdapterError(
             f"{path} field 'base_model': must be an object; the file was edited, save the adapter again"
         )
-    saved = dict(meta["config"])
-    # written before the field existed: the adapter was trained with every position counted
-    saved.setdefault("lbc_positions", "all")
+    unknown = sorted(set(meta["config"]) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise AdapterError(
+            f"{path} field 'config': unknown key(s) {unknown}; valid keys: {list(_CONFIG_FIELDS)}"
+        )
+    # Fields a format lets a file leave out, with the value every file of that format was trained with.
+    saved = {**_FORMAT_DEFAULTS[version], **meta["config"]}
+    missing = [f"config.{name}" for name in _CONFIG_FIELDS if name not in saved]
+    base = meta.get("base_model", {})
+    missing += [f"base_model.{key}" for key in (*IDENTITY_KEYS, "name_or_path") if key not in base]
+    missing += [] if "weights_sha256" in meta else ["weights_sha256"]
+    if missing:
+        raise AdapterError(
+            f"{path} field {missing[0]!r}: missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            "every field of the adapter's config is required (a default could differ from the trained value). "
+            "Restore the file from the training output, or save the adapter again"
+        )
+    digest = meta["weights_sha256"]
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise AdapterError(f"{path} field 'weights_sha256': must be a SHA-256 hex digest, got {digest!r}")
     try:
         cfg = LoRAMoEConfig.from_dict(saved)
     except (
@@ -226,16 +266,14 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / WEIGHTS_NAME
-    pickles = [name for name in PICKLE_NAMES if (adapter_dir / name).exists()]
-    if not weights.is_file() and pickles:
-        raise AdapterError(
-            f"{adapter_dir / pickles[0]}: refusing to load a pickle file (unpickling can run arbitrary code); "
-            f"loramoe adapters are {WEIGHTS_NAME}. Convert it with safetensors where you trust its origin."
-        )
+    weights_format(adapter_dir, (WEIGHTS_NAME,), what="adapter")  # a pickle-only adapter is refused, by name
     cfg, meta = read_adapter_config(adapter_dir)
     _check_identity(model, meta.get("base_model") or {}, adapter_dir / CONFIG_NAME)
     state = _read_weights(adapter_dir, meta)
-    inject(model, cfg)
+    try:
+        inject(model, cfg)
+    except ConfigError as err:  # e.g. an absurd size for this base model, refused before allocating
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME} field 'config': {err}") from err
     try:
         _copy_weights(model, state, weights)
     except AdapterError:
@@ -267,8 +305,7 @@ def _read_weights(adapter_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing; save the adapter again or point to the right directory")
-    expected_digest = meta.get("weights_sha256")
-    if expected_digest is not None and sha256_file(weights) != expected_digest:
+    if sha256_file(weights) != meta["weights_sha256"]:
         raise AdapterError(
             f"{weights}: checksum does not match {CONFIG_NAME} (the file is truncated, torn by a crash or was "
             "modified); use an intact copy or re-save the adapter"
@@ -295,6 +332,11 @@ def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Pat
         for k, shape in expected.items()
         if k in state and tuple(state[k].shape) != shape
     ]
+    for k in sorted(set(state) & set(expected)):
+        if not state[k].is_floating_point():
+            problems.append(f"{k}: dtype {state[k].dtype}, a floating-point tensor expected")
+        elif not bool(torch.isfinite(state[k]).all()):
+            problems.append(f"{k}: holds NaN or infinite values")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise AdapterError(f"{weights}: does not fit this model: {shown}")

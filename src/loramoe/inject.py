@@ -19,7 +19,7 @@ from torch import nn
 
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from loramoe.errors import ConfigError, TargetError
-from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like
+from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like, linear_features
 
 CONFIG_ATTR = "loramoe_config"
 
@@ -69,6 +69,7 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
     if adapted_modules(model):
         raise ConfigError("this model already has LoRAMoE layers; load a fresh base model to inject again")
     names = resolve_targets(model, cfg)
+    check_adapter_size(model, cfg, names)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in names:
@@ -88,6 +89,23 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
         setattr(parent, child, layer)
     setattr(model, CONFIG_ATTR, cfg)
     return model
+
+
+MAX_ADAPTER_RATIO = 10  # an "adapter" with ten times its base model's parameters is a mistake, not an adapter
+
+
+def check_adapter_size(model: nn.Module, cfg: LoRAMoEConfig, names: list[str]) -> None:
+    """Refuse, before anything is allocated, an adapter with more than ``MAX_ADAPTER_RATIO`` times the base
+    model's parameters (a million experts from a mistyped or hostile config would ask for hundreds of GB)."""
+    shapes = [linear_features(model.get_submodule(n)) for n in names]
+    adapter = sum(cfg.num_experts * (cfg.rank * (d_in + d_out) + d_in) for d_in, d_out in shapes)
+    base = sum(p.numel() for p in model.parameters())
+    if adapter > MAX_ADAPTER_RATIO * max(base, 1):
+        raise ConfigError(
+            f"num_experts={cfg.num_experts} and rank={cfg.rank} on {len(names)} linears would make an adapter of "
+            f"{adapter:,} parameters, more than {MAX_ADAPTER_RATIO}x the base model's {base:,}; lower num_experts "
+            "or rank"
+        )
 
 
 def get_config(model: nn.Module) -> LoRAMoEConfig:

@@ -40,13 +40,24 @@ def lbc_coefficients(
     return torch.where(own_BN, 1.0 - delta, 1.0 + delta).to(torch.float32)
 
 
-def check_task_types(task_types_B: torch.Tensor, num_types: int) -> None:
-    """Raise ``DataError`` unless every task type is an integer in ``[0, num_types)``.
+def check_task_types(task_types_B: torch.Tensor, num_types: int, batch_size: int | None = None) -> None:
+    """Raise ``DataError`` unless ``task_types_B`` is an integer tensor of shape ``(batch_size,)`` with every type
+    in ``[0, num_types)``. (A (B, 1) tensor would broadcast in the LBC into a wrong loss without an error.)
 
-    The values are read only from a CPU tensor. On an accelerator reading them would stall every training step
-    (a host-device sync); there the data pipeline has already checked each record's type against the task names
-    where it was read (``data/sources.py``).
+    The shape and dtype are checked on any device (no sync). The values are read only from a CPU tensor. On an
+    accelerator reading them would stall every training step (a host-device sync); there the data pipeline has
+    already checked each record's type against the task names where it was read (``data/sources.py``).
     """
+    if not isinstance(task_types_B, torch.Tensor):
+        raise DataError(
+            f"task_types must be a torch tensor of shape (B,), one integer type per sample; got "
+            f"{type(task_types_B).__name__}"
+        )
+    if task_types_B.dim() != 1 or (batch_size is not None and task_types_B.shape[0] != batch_size):
+        want = f"({batch_size},)" if batch_size is not None else "(B,)"
+        raise DataError(
+            f"task_types must have shape {want}, one type per sample of the batch; got {tuple(task_types_B.shape)}"
+        )
     if task_types_B.dtype.is_floating_point or task_types_B.dtype == torch.bool:
         raise DataError(f"task_types must be an integer tensor, got {task_types_B.dtype}")
     if task_types_B.device.type != "cpu" or not task_types_B.numel():
@@ -84,6 +95,13 @@ def localized_balancing_loss(
     Returns:
         A float32 scalar.
     """
+    if not isinstance(task_types_B, torch.Tensor) or tuple(task_types_B.shape) != tuple(probs_BTN.shape[:1]):
+        got = (
+            tuple(task_types_B.shape)
+            if isinstance(task_types_B, torch.Tensor)
+            else type(task_types_B).__name__
+        )
+        raise DataError(f"task_types must have shape ({probs_BTN.shape[0]},), one per sample; got {got}")
     if mask_BT is None:
         importance_BN = probs_BTN.float().sum(dim=1)
     else:
@@ -136,9 +154,13 @@ def compute_loss(
         raise DataError(
             "compute_loss needs 'labels' in the batch (use -100 on positions that are not learned)"
         )
+    input_ids = inputs.get("input_ids")
+    batch_size = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else None
+    if batch_size == 0 or (isinstance(input_ids, torch.Tensor) and input_ids.numel() == 0):
+        raise DataError("the batch is empty (no samples or no tokens); give at least one sample")
     use_lbc = task_types is not None and cfg.lbc_weight > 0
     if task_types is not None:
-        check_task_types(task_types, len(cfg.task_names))
+        check_task_types(task_types, len(cfg.task_names), batch_size)
     if not (use_lbc or record):
         outputs = model(**inputs, **model_kwargs)
         return LossParts(total=outputs.loss, lm=outputs.loss, lbc=outputs.loss.new_zeros(()), outputs=outputs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
+from loramoe.errors import AdapterError, DataError
 from loramoe.inject import adapted_modules
 from loramoe.layer import LoRAMoELinear
 
@@ -46,7 +47,10 @@ class RouterRecorder:
     def __enter__(self) -> RouterRecorder:
         layers = adapted_modules(self.model)
         if not layers:
-            raise ValueError("RouterRecorder: the model has no LoRAMoE layers")
+            raise AdapterError(
+                "RouterRecorder: the model has no LoRAMoE layers; inject or load an adapter first (loramoe.inject, "
+                "loramoe.load_adapter)"
+            )
         self.probs = {name: [] for name in layers}
         for name, layer in layers.items():
             self._handles.append(layer.register_router_hook(self._hook_for(name)))
@@ -107,6 +111,18 @@ def routing_sums(
     Returns:
         ``mass`` ``(K, G)``, ``entropy`` ``(K,)``, ``count`` ``(K,)``, all float32; K task types, G expert groups.
     """
+    if not probs:
+        raise AdapterError(
+            "routing_sums: no router probabilities; record them on a model with LoRAMoE layers"
+        )
+    batch = next(iter(probs.values())).shape[0]
+    if not isinstance(task_types_B, torch.Tensor) or tuple(task_types_B.shape) != (batch,):
+        got = (
+            tuple(task_types_B.shape)
+            if isinstance(task_types_B, torch.Tensor)
+            else type(task_types_B).__name__
+        )
+        raise DataError(f"task_types must have shape ({batch},), one per sample; got {got}")
     with torch.no_grad():
         first = next(iter(probs.values()))
         mass_BG = torch.stack([group_mass(p, group_of_expert, mask_BT) for p in probs.values()]).mean(0)

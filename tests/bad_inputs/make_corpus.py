@@ -483,6 +483,57 @@ def gen_configs() -> None:
         )
         case(f"config/override-{name}", "ConfigError", match, config=base, overrides=args, names=names)
 
+    # --- class: settings that validate but would fail only once training starts -----------------------------
+    late = {
+        "late-optimizer-package": ("training.optim", "adamw_bnb_8bit", r"training\.optim:.*bitsandbytes"),
+        "late-scheduler-kwargs": ("training.lr_scheduler_kwargs", {"bogus": 1},
+                                  r"training\.lr_scheduler_kwargs:.*bogus"),
+        "late-report-to-package": ("training.report_to", "wandb", r"training\.report_to:.*wandb"),
+        "late-report-to-unknown": ("training.report_to", "carrier-pigeon", r"training\.report_to:.*not supported"),
+        "late-eval-without-validation": ("training.eval_strategy", "steps", r"eval_strategy.*no validation data"),
+        "late-max-length-beyond-context": ("data.max_length", 4096, r"data\.max_length 4096.*context \(128"),
+        "late-output-dir-unwritable": ("training.output_dir", "/proc/loramoe-out", r"output_dir.*cannot be written"),
+        "late-output-dir-foreign": ("training.output_dir", f"{REL}/foreign-output",
+                                    r"foreign-output.*holds files loramoe did not write.*checkpoint-500"),
+    }  # fmt: skip
+    for name, (dotted, value, match) in late.items():
+        config_case(name, dotted, value, match)
+    foreign = OUT / "foreign-output" / "checkpoint-500"
+    foreign.mkdir(parents=True)
+    (foreign / "model.ckpt").write_bytes(b"another project's weights")
+    case("config/late-base-is-pickle", "ConfigError", r"full-pickle-beside-safetensors.*refusing.*pickle",
+         config=write_config("late-base-is-pickle", {**BASE_CONFIG, "model": f"{REL}/adapters/full-pickle-beside-safetensors"}),
+         names="pytorch_model.bin")  # fmt: skip
+
+    # --- class: unbounded parsing (sizes, depth, alias expansion, duplicated keys, non-regular files) --------
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+    )
+    bounded = {
+        "yaml-alias-bomb": (yaml.safe_dump(BASE_CONFIG) + laughs, r"expands to more than \d+ values"),
+        "yaml-deep-nesting": (yaml.safe_dump(BASE_CONFIG) + "deep: " + "[" * 200 + "]" * 200 + "\n",
+                              r"invalid YAML \(nested deeper than \d+ levels"),
+        "yaml-duplicate-key": (yaml.safe_dump(BASE_CONFIG) + "model: other\n", r":\d+: invalid YAML \(key 'model' given twice"),
+        "yaml-duplicate-nested-key": ("loramoe: {rank: 2, rank: 8}\n" + yaml.safe_dump({k: v for k, v in BASE_CONFIG.items() if k != "loramoe"}),
+                                      r":1: invalid YAML \(key 'rank' given twice"),
+    }  # fmt: skip
+    for name, (text, match) in bounded.items():
+        case(
+            f"config/{name}",
+            "ConfigError",
+            rf"{name}\.yaml.*{match}",
+            config=write_config(name, None, raw=text),
+        )
+    override_bombs = {
+        "override-alias-bomb": ("loramoe.task_names=" + "[" + laughs.replace("\n", ", ").rstrip(", ") + "]",
+                                r"invalid YAML|expands to more than"),
+        "override-deep-nesting": ("loramoe.task_names=" + "[" * 500 + "]" * 500, r"nested deeper than \d+ levels"),
+    }  # fmt: skip
+    for name, (arg, match) in override_bombs.items():
+        case(f"config/{name}", "ConfigError", match, config=base, overrides=[arg], names="override")
+    config_case("data-path-dev-zero", "data.sources", ["/dev/zero"], r"/dev/zero.*character device, not a regular file",
+                error="DataError", names="/dev/zero")  # fmt: skip
+
 
 # --- adapters ----------------------------------------------------------------------------------------------
 
@@ -537,7 +588,7 @@ def gen_adapters() -> None:
         f = variant(name, "AdapterError", r"adapter_model\.safetensors.*(checksum|truncated)")
         (f / "adapter_model.safetensors").write_bytes(weights.read_bytes()[:keep])
     for name, keep in {"truncated-no-checksum": size // 2, "empty-no-checksum": 0}.items():
-        f = variant(name, "AdapterError", r"adapter_model\.safetensors.*not a readable safetensors")
+        f = variant(name, "AdapterError", r"adapter_config\.json field 'weights_sha256': missing")
         (f / "adapter_model.safetensors").write_bytes(weights.read_bytes()[:keep])
         rewrite_meta(f, lambda m: m.pop("weights_sha256"))
     data = bytearray(weights.read_bytes())
@@ -546,9 +597,9 @@ def gen_adapters() -> None:
         changed = bytearray(data)
         changed[offset] ^= 0x01
         (f / "adapter_model.safetensors").write_bytes(bytes(changed))
-    f = variant("garbage-header-no-checksum", "AdapterError", r"not a readable safetensors")
+    f = variant("garbage-header", "AdapterError", r"not a readable safetensors")
     (f / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{" * 64)
-    rewrite_meta(f, lambda m: m.pop("weights_sha256"))
+    rewrite_meta(f, lambda m: m.update(weights_sha256=sha256_file(f / "adapter_model.safetensors")))
     # tensors that do not fit, with a matching checksum (a foreign or edited file, not a torn one)
     state = load_file(str(weights))
     edits = {
@@ -685,6 +736,77 @@ def gen_adapters() -> None:
     shutil.copy(full / "model.safetensors", full_bad_config / "model.safetensors")
     case("adapter/full-bad-config", "AdapterError", r"full-bad-config.*cannot load",
          adapter=f"{REL}/adapters/full-bad-config")  # fmt: skip
+
+    # --- class: pickle-format weights anywhere a loader reads weights, whatever else is beside them -----------
+    evil = b"\x80\x04cposix\nsystem\nX\x0b\x00\x00\x00echo pwned\x85R."
+    # a safetensors file the loader never reads
+    decoy = {"unrelated.safetensors": good / "adapter_model.safetensors"}
+    for name in ("adapter_model.bin", "pytorch_model.bin", "adapter_model-00001-of-00002.bin"):
+        f = variant(f"pickle-beside-safetensors-{name.split('.')[0]}", "AdapterError",
+                    rf"{re.escape(name)}.*refusing.*pickle")  # fmt: skip
+        (f / "adapter_model.safetensors").unlink()
+        shutil.copy(decoy["unrelated.safetensors"], f / "unrelated.safetensors")
+        (f / name).write_bytes(evil)
+    f = peft_variant(
+        "peft-pickle-beside-safetensors", "AdapterError", r"adapter_model\.bin.*refusing.*pickle"
+    )
+    (f / "adapter_model.safetensors").rename(f / "unrelated.safetensors")
+    (f / "adapter_model.bin").write_bytes(evil)
+    fine = root / "full-good"
+    tiny_model("llama").save_pretrained(str(fine))
+    for name, files in {
+        "full-pickle-beside-safetensors": ["pytorch_model.bin"],
+        "full-sharded-pickle": ["pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"],
+    }.items():
+        f = root / name
+        f.mkdir()
+        shutil.copy(fine / "config.json", f / "config.json")
+        shutil.copy(fine / "model.safetensors", f / "unrelated.safetensors")
+        for file in files:
+            (f / file).write_bytes(evil if file.endswith(".bin") else b'{"weight_map": {}}')
+        case(f"adapter/{name}", "AdapterError", rf"{re.escape(sorted(files)[0])}.*refusing.*pickle",
+             adapter=f"{REL}/adapters/{name}")  # fmt: skip
+    shutil.rmtree(fine)
+    f = variant(
+        "base-is-pickle", "ConfigError", r"base model.*full-pickle-beside-safetensors.*refusing.*pickle"
+    )
+    rewrite_meta(
+        f, lambda m: m["base_model"].update(name_or_path=f"{REL}/adapters/full-pickle-beside-safetensors")
+    )
+
+    # --- class: an adapter config or tensor that would load into a silently wrong model ------------------------
+    for field in meta["config"]:
+        f = variant(
+            f"config-missing-{field}",
+            "AdapterError",
+            rf"adapter_config\.json field 'config\.{field}': missing",
+        )
+        rewrite_meta(f, lambda m, field=field: m["config"].pop(field))
+    for key in ("model_type", "hidden_size", "name_or_path"):
+        f = variant(f"config-missing-base-{key}", "AdapterError",
+                    rf"adapter_config\.json field 'base_model\.{key}': missing")  # fmt: skip
+        rewrite_meta(f, lambda m, key=key: m["base_model"].pop(key))
+    f = variant("config-future-format", "AdapterError", r"adapter_config\.json field 'format_version'")
+    rewrite_meta(f, lambda m: m.update(format_version=99))
+    f = variant("config-checksum-not-hex", "AdapterError", r"field 'weights_sha256': must be a SHA-256")
+    rewrite_meta(f, lambda m: m.update(weights_sha256="abc"))
+    f = variant("config-nan-alpha", "AdapterError", r"adapter_config\.json.*not valid JSON.*NaN")
+    (f / "adapter_config.json").write_text(json.dumps(meta).replace('"alpha": 32.0', '"alpha": NaN'))
+    first = sorted(state)[0]
+    tensors = {
+        "tensor-int64": state[first].to(torch.int64),
+        "tensor-int8": state[first].to(torch.int8),
+        "tensor-bool": state[first] > 0,
+        "tensor-nan": state[first].clone().fill_(float("nan")),
+        "tensor-inf": torch.full_like(state[first], float("inf")),
+    }
+    for name, tensor in tensors.items():
+        what = "floating-point tensor expected" if not tensor.is_floating_point() else "NaN or infinite"
+        f = variant(name, "AdapterError", rf"does not fit this model.*{re.escape(first)}: .*{what}")
+        save_file({**state, first: tensor}, str(f / "adapter_model.safetensors"), metadata={"format": "pt"})
+        rewrite_meta(f, lambda m, f=f: m.update(weights_sha256=sha256_file(f / "adapter_model.safetensors")))
+    f = variant("config-a-million-experts", "AdapterError", r"config.*num_experts=1000000.*more than 10x")
+    rewrite_meta(f, lambda m: m["config"].update(num_experts=1_000_000))
 
 
 def main() -> None:

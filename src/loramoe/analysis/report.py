@@ -70,6 +70,10 @@ def expert_usage(
     """
     if not adapted_modules(model):
         raise ConfigError("routing analysis needs a LoRAMoE model; this one has no LoRAMoE layers")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not examples:
+        raise ConfigError("routing analysis needs at least one example")
     encoder = ExampleEncoder(tokenizer, template=template, max_length=max_length)
     collate = DataCollatorForLoRAMoE(tokenizer)
     device = next(model.parameters()).device

@@ -12,9 +12,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--adapter", default=None, help="a training output / adapter directory (loramoe, PEFT or full)"
     )
     p.add_argument("--dtype", default="float32", help="float32 (default, CPU), bfloat16, float16 or auto")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle-format weights (pytorch_model.bin, adapter_model.bin) of a model or PEFT adapter whose "
+        "origin you trust, with torch.load(weights_only=True); refused by default (docs/reliability.md)",
+    )
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from loramoe.models.trained import load_trained
 
-    return load_trained(args.adapter, base=args.model, dtype=args.dtype)
+    return load_trained(args.adapter, base=args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)

@@ -7,23 +7,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loramoe.errors import ConfigError, TargetError
-from loramoe.files import YAML_FLOAT
+from loramoe.files import YAML_FLOAT, parse_yaml
+
+MAX_OVERRIDE_BYTES = 64 << 10
 
 
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML: numbers, booleans, lists)."""
-    import yaml
-
+    """Apply ``key.sub=value`` overrides (values parsed as YAML: numbers, booleans, lists; bounded in size, depth
+    and alias expansion like a config file, and text itself when the value is not YAML)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(
                 f"override {item!r} must look like key=value (e.g. training.learning_rate=1e-4)"
             )
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        shown = item if len(item) <= 80 else item[:77] + "..."
+        value = (
+            parse_yaml(raw, f"override {shown!r}", max_bytes=MAX_OVERRIDE_BYTES, or_text=True) if raw else ""
+        )
         if isinstance(value, str) and YAML_FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
             value = float(value)
         node: Any = config

@@ -20,6 +20,7 @@ Notable decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,8 @@ from loramoe.validation import is_int, require
 logger = logging.getLogger("loramoe.data")
 
 IGNORE_INDEX = -100
+# More characters than any token of real text covers: bounds the text tokenised per record.
+CHARS_PER_TOKEN = 32
 
 
 class ExampleEncoder:
@@ -87,11 +90,15 @@ class ExampleEncoder:
             The features (``input_ids``, ``attention_mask``, ``labels``: lists of length T <= max_length;
             ``task_types``: int), and what was truncated: None, "prompt" or "answer".
         """
+        example, answer_cut = self._bounded(example)
         prompt = self.prompt_ids(example)
         answer = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"]
         if not answer:
             raise DataError("the answer has no tokens", path=example.source, line=example.line)
         target, cut, limit = [*answer, self.eos], None, self.max_length
+        # The answer's text was longer than any max_length tokens of it: no EOS, it does not end.
+        if answer_cut:
+            target, cut = answer, "answer"
         if len(prompt) + len(target) > limit and len(target) < limit:
             prompt, cut = prompt[len(prompt) - (limit - len(target)) :], "prompt"
         elif len(prompt) + len(target) > limit:
@@ -104,6 +111,24 @@ class ExampleEncoder:
             "task_types": example.task_type,
         }
         return features, cut
+
+    def _bounded(self, example: Example) -> tuple[Example, bool]:
+        """The example with each text cut to ``max_length * CHARS_PER_TOKEN`` characters before tokenising (the
+        prompt and earlier chat turns keep their ends, the answer its start), so one huge record costs no more
+        than a long one; and whether the answer was cut. A token covers far fewer characters than that, so the
+        kept text still gives more than ``max_length`` tokens and the result equals cutting the tokens."""
+        chars = self.max_length * CHARS_PER_TOKEN
+        answer_cut = len(example.answer) > chars
+        messages = example.messages
+        if messages is not None:
+            lead = [m for m in messages[:1] if m.get("role") == "system"]
+            rest = messages[len(lead) :][-(2 * self.max_length + 1) :]  # more turns than tokens cannot fit
+            messages = [{**m, "content": str(m.get("content", ""))[-chars:]} for m in (*lead, *rest)]
+        if not answer_cut and len(example.prompt) <= chars and messages == example.messages:
+            return example, False
+        return dataclasses.replace(
+            example, prompt=example.prompt[-chars:], answer=example.answer[:chars], messages=messages
+        ), answer_cut
 
 
 class DataCollatorForLoRAMoE:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from loramoe.config import BINARY_TASK_NAMES
 from loramoe.errors import ConfigError, DataError
+from loramoe.files import check_regular
 
 # format -> the keys that identify it (checked in this order by detect_format).
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -127,6 +128,7 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[
         raise DataError(f"file not found (relative paths start at {Path.cwd()}); check the path", path=path)
     if p.is_dir():
         raise DataError("is a directory; give a .json (array) or .jsonl file", path=path)
+    check_regular(p, DataError, path=path)  # a FIFO would block forever, /dev/zero never end
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

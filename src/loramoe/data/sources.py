@@ -298,6 +298,13 @@ def mix_examples(groups: Sequence[Sequence[Example]], data_cfg: DataConfig) -> l
         floors[i] += 1
     for i, c in floors.items():
         counts[i] = c
+    empty = [i for i, c in floors.items() if c == 0]
+    if empty:
+        source = data_cfg.sources[empty[0]]
+        raise ConfigError(
+            f"source {source.label!r}: ratio {source.ratio:g} of total_samples {total} rounds to 0 samples; raise "
+            "its ratio or total_samples, or remove the source"
+        )
     mixed: list[Example] = []
     for i, (source, group, n) in enumerate(zip(data_cfg.sources, groups, counts)):
         rng = random.Random(f"{data_cfg.seed}/{i}")  # one stream per source: changing one leaves the others

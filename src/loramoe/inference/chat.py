@@ -13,6 +13,8 @@ from loramoe.errors import ConfigError
 from loramoe.inference.generate import (
     Message,
     check_sampling,
+    check_text,
+    context_length,
     decode_new,
     encode_chat,
     generation_kwargs,
@@ -99,19 +101,23 @@ class _Conversation:
         system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         self.base: list[Message] = system
         self.messages = list(self.base)
-        config = model.config
-        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        self.max_positions = context_length(model)
 
     def run(self, input_fn: Callable[[str], str]) -> None:
         """Read lines and answer them until ``/exit`` or the end of input; ``/reset`` clears the history."""
         while True:
             try:
                 text = input_fn("> ").strip()
+                check_text(text, "the message")
             except (EOFError, KeyboardInterrupt):
                 self.print_fn("")
                 return
+            except UnicodeDecodeError as err:  # the terminal sent bytes that are not text in its encoding
+                self.print_fn(f"(input is not valid {err.encoding} text; not sent)")
+                continue
+            except ConfigError as err:
+                self.print_fn(f"({err}; not sent)")
+                continue
             if text == "/exit":
                 return
             if text == "/reset":

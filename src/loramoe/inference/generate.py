@@ -72,8 +72,12 @@ def generate(
         ConfigError: A bad setting, a chat template requested but missing, or a prompt with no tokens.
     """
     check_sampling(max_new_tokens, do_sample, temperature, top_p)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("prompts must be a list of strings (one prompt each)")
+    for i, prompt in enumerate(prompts):
+        check_text(prompt, f"prompt {i}")
     use_chat = _use_chat_template(tokenizer, chat_template)
     if system_prompt is not None and not use_chat:
         raise ConfigError(
@@ -81,6 +85,13 @@ def generate(
         )
     base: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     encoded = [_encode(tokenizer, prompt, i, base if use_chat else None) for i, prompt in enumerate(prompts)]
+    context = context_length(model)
+    for i, ids in enumerate(encoded):
+        if context and len(ids) + max_new_tokens > context:
+            raise ConfigError(
+                f"prompt {i} is {len(ids)} tokens; with max_new_tokens {max_new_tokens} that is more than the "
+                f"model's context ({context} positions); shorten the prompt or lower max_new_tokens"
+            )
 
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = padding_id(tokenizer, stop_ids)
@@ -112,6 +123,8 @@ def _generate_batched(
 
 def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
     """Raise ``ConfigError`` for a setting ``generate`` would reject late or misuse."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise ConfigError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and not temperature > 0:
@@ -120,6 +133,23 @@ def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top
         )
     if do_sample and not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text holding undecodable bytes (lone surrogates, as Python decodes them from a command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"{what} holds bytes that are not UTF-8 text (at character {err.start}); give it as UTF-8"
+        ) from None
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings`` or ``n_positions``), if its config says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, i: int, chat: list[Message] | None) -> list[int]:

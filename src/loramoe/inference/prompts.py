@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from loramoe.errors import DataError
+from loramoe.files import check_regular
 
 # Record fields that hold a prompt, in order of preference; "input" is appended to "instruction".
 PROMPT_FIELDS = ("prompt", "instruction", "question")
@@ -39,6 +40,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raise DataError(
             "unknown prompt file type; use .txt (one prompt per line), .jsonl or .json", path=str(path)
         )
+    check_regular(path, DataError, path=str(path))  # a FIFO would block forever, /dev/zero never end
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -7,17 +7,20 @@ path, so an adapter saved on one machine names a base model another machine can 
 from __future__ import annotations
 
 import os
+import pickle  # only for its exception type: nothing here unpickles
 from typing import TYPE_CHECKING
 
 import torch
 
 from loramoe.errors import ConfigError
 from loramoe.models.bundled import DEFAULT_MODEL, canonical_name, resolve_model
+from loramoe.weights import SAFETENSORS, weights_format
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+MODEL_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")  # what transformers reads
 
 
 def load_base(
@@ -26,6 +29,7 @@ def load_base(
     dtype: str = "float32",
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, resolving the default alias first.
 
@@ -37,6 +41,8 @@ def load_base(
             or ``auto``: bfloat16 on a CUDA device that supports it, float16 on other CUDA devices, else float32.
         device: Where to put the model; ``None`` means ``cuda`` if available, else ``cpu``.
         cache_dir: Cache root for the converted default model (see :func:`resolve_model`).
+        allow_pickle: read pickle-format weights (``pytorch_model.bin``) when there are no safetensors, through
+            ``torch.load(weights_only=True)``; off by default, when such a model is refused (``loramoe.weights``).
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode, a pad token set (the eos token if it had none), and
@@ -51,10 +57,15 @@ def load_base(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = _torch_dtype(dtype, device)
     path = resolve_model(name_or_path, cache_dir=cache_dir)
+    # The loading gate: safetensors only, unless the user opted in; a local pickle-only model is refused by name,
+    # and transformers is told to read nothing but safetensors, so a pickle beside them is never opened.
+    fmt = weights_format(path, MODEL_SAFETENSORS, allow_pickle=allow_pickle, what="model", error=ConfigError)
+    use_safetensors = None if allow_pickle and fmt != SAFETENSORS else True
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, SafetensorError) as e:
+    # UnpicklingError: an opted-in pickle that torch.load(weights_only=True) refused
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"cannot load model {name_or_path!r}: {first_line} (use {DEFAULT_MODEL!r} for the bundled offline "

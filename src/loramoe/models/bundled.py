@@ -116,7 +116,8 @@ def _ensure_converted(model_dir: Path) -> Path:
             return model_dir
         if model_dir.exists():
             raise ConfigError(
-                f"{model_dir} exists but is not a complete conversion (no {MARKER_FILENAME}); delete it to convert again"
+                f"{model_dir} exists but is not a complete conversion (no {MARKER_FILENAME}); move it away to convert "
+                "again"
             )
         if locked:  # only lock holders convert, so any temporary sibling left now is from a killed conversion
             for stale in model_dir.parent.glob(f".{model_dir.name}.tmp-*"):

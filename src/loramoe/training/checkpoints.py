@@ -1,8 +1,19 @@
-"""Checkpoints that survive crashes: a completion marker with checksums, written last, and resume-time checks.
+"""Checkpoints that survive crashes, and ownership: loramoe deletes only what it wrote and verified.
 
-A checkpoint counts only once ``loramoe_complete.json``, holding the sha256 of every file in the folder, has been
-written (atomically) after the Trainer finished the folder. A resume takes the newest checkpoint whose marker
-verifies, says which torn ones it skipped, and removes them.
+Ownership. A run claims its output directory once, by writing ``loramoe_owner.json`` (a random run id) into a new
+or empty directory; a directory that holds other files and no such marker is refused before anything is written.
+Before the Trainer writes a ``checkpoint-N`` folder, the same marker (with the run id) is written into it first.
+A folder counts as this run's only when its marker names this run's id; a checkpoint written by an earlier loramoe
+(no owner marker) counts when its completion marker verifies. Every deletion goes through ``_remove_owned``, which
+checks that proof right before it removes anything, so a folder loramoe cannot prove is its own (another project's
+``checkpoint-500``) is never deleted or written over: the run stops and says to move it.
+
+Completion. A checkpoint counts only once ``loramoe_complete.json``, holding the run id and the sha256 of every
+file in the folder, has been written (atomically) after the Trainer finished the folder. A resume takes the newest
+checkpoint of this run whose marker verifies, says which torn ones it skipped, and removes those (they are its own).
+
+Rotation (``save_total_limit``) is done here, not by transformers: only after the new checkpoint's marker verifies,
+and only among this run's complete checkpoints, so a kill at any moment leaves at least the last good one.
 """
 
 from __future__ import annotations
@@ -12,47 +23,93 @@ import logging
 import os
 import re
 import shutil
+import time
+import uuid
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from loramoe.files import atomic_write_text, sha256_file
+from loramoe.errors import ConfigError, LoRAMoEError, TrainingError
+from loramoe.files import atomic_write_text, fsync_dir, read_json, sha256_file
 
 logger = logging.getLogger("loramoe.train")
 
 COMPLETE_MARKER = "loramoe_complete.json"
+OWNER_MARKER = "loramoe_owner.json"
+LEGACY_RUN_FILE = "loramoe_run.json"  # an output directory an earlier loramoe (before owner markers) wrote
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a claim killed half way leaves in a new directory: the owner marker's temporary file, or the probe file.
+_CLAIM_LEFTOVER = re.compile(rf"^(\.{re.escape(OWNER_MARKER)}\..*\.tmp|\.loramoe-probe-\d+)$")
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """After a checkpoint is fully written, record the checksum of each of its files in a marker, atomically."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                mark_complete(folder)
-        return control
+# ---- the output directory ---------------------------------------------------------------------------------------
 
 
-def mark_complete(folder: Path) -> None:
-    files = {
-        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
-    }
-    atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1, sort_keys=True))
+def run_id_of(output_dir: str | os.PathLike) -> str | None:
+    """The run id in ``output_dir``'s owner marker, or None when it has none (or an unreadable one)."""
+    return _marker_id(Path(output_dir) / OWNER_MARKER)
 
 
-def checkpoint_is_complete(folder: Path) -> bool:
-    marker = folder / COMPLETE_MARKER
+def _marker_id(marker: Path) -> str | None:
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        return bool(files) and all(sha256_file(folder / name) == digest for name, digest in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        data = read_json(marker, error=ConfigError, what="marker", max_bytes=1 << 16)
+    except (OSError, LoRAMoEError):
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
 
 
-def list_checkpoints(root: Path) -> list[Path]:
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Raise ``ConfigError`` unless loramoe may write into ``output_dir``: it does not exist, is empty, or is a
+    loramoe output directory (owner marker, or the run file of an earlier loramoe). Writes nothing."""
+    out = Path(output_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"training.output_dir {str(out)!r} is a file; give a directory (it is created)")
+    if run_id_of(out) or (out / LEGACY_RUN_FILE).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _CLAIM_LEFTOVER.match(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"training.output_dir {str(out)!r} holds files loramoe did not write ({shown}); loramoe writes only into "
+            "a new or empty directory or one of its own runs, so nothing there is overwritten or deleted. Choose "
+            "another output_dir"
+        )
+
+
+def claim_output_dir(output_dir: str | os.PathLike) -> str:
+    """Create ``output_dir`` if needed, make sure it can be written (a probe file), and return its run id, writing
+    the owner marker when the directory is new.
+
+    Raises:
+        ConfigError: the directory is not loramoe's (``check_output_dir``), or cannot be created or written.
+    """
+    out = Path(output_dir)
+    check_output_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".loramoe-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        run_id = run_id_of(out)
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+            marker = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            atomic_write_text(out / OWNER_MARKER, json.dumps(marker, indent=1) + "\n")
+    except OSError as err:
+        raise ConfigError(
+            f"training.output_dir {str(out)!r} cannot be written ({err.strerror or err}); choose a writable "
+            "directory"
+        ) from err
+    return run_id
+
+
+# ---- checkpoint folders -----------------------------------------------------------------------------------------
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-N`` folders in ``root``, newest (largest N) first."""
+    root = Path(root)
     if not root.is_dir():
         return []
     found = [
@@ -61,9 +118,76 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose completion marker verifies; torn ones are reported."""
-    for folder in list_checkpoints(Path(output_dir)):
+def is_owned(folder: Path, run_id: str | None) -> bool:
+    """Whether ``folder`` provably belongs to run ``run_id``: its owner marker names the run, or (a checkpoint of
+    an earlier loramoe, written before owner markers) its completion marker verifies."""
+    if run_id is None:
+        return False
+    if (folder / OWNER_MARKER).exists():
+        return _marker_id(folder / OWNER_MARKER) == run_id
+    return checkpoint_is_complete(folder)
+
+
+def foreign_checkpoints(output_dir: str | os.PathLike, run_id: str | None) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``output_dir`` that run ``run_id`` cannot prove are its own."""
+    return [folder for folder in list_checkpoints(output_dir) if not is_owned(folder, run_id)]
+
+
+def refuse_foreign(output_dir: str | os.PathLike, run_id: str | None) -> None:
+    """Raise ``ConfigError`` naming the first checkpoint folder in ``output_dir`` that is not this run's."""
+    foreign = foreign_checkpoints(output_dir, run_id)
+    if foreign:
+        raise ConfigError(
+            f"{foreign[0]}: not written by this loramoe run (no {OWNER_MARKER} naming it, no verified "
+            f"{COMPLETE_MARKER}); loramoe never deletes or writes over a folder it cannot prove is its own. Move it "
+            "out of training.output_dir, or choose another output_dir"
+        )
+
+
+def begin_checkpoint(folder: Path, run_id: str) -> None:
+    """Make ``folder`` this run's before the Trainer writes into it: remove a torn leftover of this run (a crash
+    while writing the same step), refuse anything else that is there, then create the folder with the owner
+    marker already inside (built under a temporary name and renamed, so a kill never leaves it without one)."""
+    _sweep_leftovers(folder.parent, run_id)
+    if folder.exists():
+        if not is_owned(folder, run_id):
+            refuse_foreign(folder.parent, run_id)
+            raise TrainingError(f"{folder}: a file, not this run's checkpoint; move it away")
+        _remove_owned(folder, run_id, "an unfinished checkpoint of the same step")
+    new = folder.parent / f".{folder.name}.new-{run_id}"
+    new.mkdir()
+    atomic_write_text(new / OWNER_MARKER, json.dumps({"run_id": run_id}) + "\n")
+    os.rename(new, folder)
+    fsync_dir(folder.parent)
+
+
+def mark_complete(folder: Path, run_id: str | None = None) -> None:
+    """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last."""
+    files = {
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
+    }
+    body = {"files": files, **({"run_id": run_id} if run_id else {})}
+    atomic_write_text(folder / COMPLETE_MARKER, json.dumps(body, indent=1, sort_keys=True))
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """Whether ``folder``'s completion marker lists files that are all there with their recorded checksums."""
+    try:
+        files = read_json(folder / COMPLETE_MARKER, error=ConfigError, what="marker")["files"]
+        return bool(files) and all(sha256_file(folder / name) == digest for name, digest in files.items())
+    except (OSError, LoRAMoEError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def latest_good_checkpoint(
+    output_dir: str | os.PathLike, *, quiet: bool = False, run_id: str | None = None
+) -> str | None:
+    """The newest ``checkpoint-N`` of this run (``run_id``, default: the output directory's) whose completion
+    marker verifies; torn ones are reported, other runs' folders are not considered."""
+    run_id = run_id or run_id_of(output_dir)
+    for folder in list_checkpoints(output_dir):
+        if not is_owned(folder, run_id):
+            continue
         if checkpoint_is_complete(folder):
             return str(folder)
         if not quiet:
@@ -75,11 +199,50 @@ def latest_good_checkpoint(output_dir: str | os.PathLike, *, quiet: bool = False
     return None
 
 
-def remove_torn_checkpoints(root: Path, keep: str | None) -> None:
-    """Delete the checkpoints newer than ``keep`` (all when None): they are torn, and the resumed run would
-    otherwise write its own checkpoint of the same step over their leftovers."""
-    for folder in list_checkpoints(root):
+def remove_torn_checkpoints(output_dir: str | os.PathLike, keep: str | None, run_id: str) -> None:
+    """Delete this run's checkpoints newer than ``keep`` (all of them when None): they are torn, and the resumed
+    run would otherwise write its own checkpoint of the same step over their leftovers."""
+    _sweep_leftovers(Path(output_dir), run_id)
+    for folder in list_checkpoints(output_dir):
         if keep is not None and folder == Path(keep):
             return
-        logger.warning("removing torn checkpoint %s", folder)
-        shutil.rmtree(folder)
+        _remove_owned(folder, run_id, "a torn checkpoint")
+
+
+def rotate_checkpoints(
+    output_dir: str | os.PathLike, run_id: str, limit: int | None, protect: str | None = None
+) -> None:
+    """Keep this run's newest ``limit`` complete checkpoints (and ``protect``, the best one), delete its older
+    complete ones. Call it only after the newest checkpoint's marker has verified."""
+    if not limit:
+        return
+    good = [f for f in list_checkpoints(output_dir) if is_owned(f, run_id) and checkpoint_is_complete(f)]
+    keep = set(good[:limit]) | ({Path(protect)} if protect else set())
+    for folder in good:
+        if folder not in keep:
+            _remove_owned(folder, run_id, f"older than the newest {limit} (save_total_limit)")
+
+
+def _remove_owned(folder: Path, run_id: str, why: str) -> None:
+    """The only way loramoe deletes a checkpoint: after checking, right here, that it is this run's. The folder is
+    first renamed to a hidden name holding the run id (atomic), so a kill during the removal leaves no half
+    checkpoint without its marker, only a hidden folder that ``_sweep_leftovers`` finishes."""
+    if not is_owned(folder, run_id):
+        raise TrainingError(f"{folder}: not removed, it is not this run's ({why}); move it away")
+    logger.warning("removing %s: %s", folder, why)
+    doomed = folder.parent / f".{folder.name}.removing-{run_id}"
+    if doomed.exists():
+        shutil.rmtree(doomed)  # an earlier removal of the same folder, interrupted: named by this run's id
+    os.rename(folder, doomed)
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed)
+
+
+def _sweep_leftovers(run_dir: Path, run_id: str) -> None:
+    """Finish what a kill interrupted: this run's hidden ``.checkpoint-N.new-<run id>`` (being created) and
+    ``.checkpoint-N.removing-<run id>`` (being removed) folders. Only this run makes folders with these names, so
+    the name, holding the run id, is the proof they are its own."""
+    for leftover in run_dir.glob(f".checkpoint-*.new-{run_id}"):
+        shutil.rmtree(leftover)
+    for leftover in run_dir.glob(f".checkpoint-*.removing-{run_id}"):
+        shutil.rmtree(leftover)

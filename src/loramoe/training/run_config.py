@@ -94,6 +94,9 @@ class RunConfig:
         lora: the LoRA baseline (``rank``, ``alpha``, ``dropout``).
         data: data sources and tokenisation (``DataConfig`` fields); required.
         training: ``transformers.TrainingArguments`` by their own names (``output_dir``, ``learning_rate``, ...).
+        allow_pickle: read a base model whose weights exist only in pickle format (``pytorch_model.bin``), through
+            ``torch.load(weights_only=True)``. Off by default: such a model is refused, because unpickling a file
+            can run code it carries. Turn it on only for a model whose origin you trust.
     """
 
     model: str = DEFAULT_MODEL
@@ -103,6 +106,7 @@ class RunConfig:
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
     data: DataConfig | None = None  # required: None only until __post_init__ reports it missing
     training: dict[str, Any] = field(default_factory=dict)
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         check_fields(
@@ -111,6 +115,7 @@ class RunConfig:
                 "method": one_of(METHODS),
                 "model": (text()[0], f"a model name or path, e.g. {DEFAULT_MODEL}"),
                 "dtype": one_of(DTYPES),
+                "allow_pickle": boolean(),
             },
         )
         self.loramoe = section("loramoe", LoRAMoEConfig, self.loramoe)
@@ -148,11 +153,13 @@ class RunConfig:
         for key in self.training:
             check_value(f"training.{key}", kwargs[key], _training_rule(key))
         try:
-            return TrainingArguments(**kwargs)
+            args = TrainingArguments(**kwargs)
         except (ValueError, TypeError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             key = self._rejected_setting(kwargs)
             raise ConfigError(f"training{'.' + key if key else ''}: {reason}") from err
+        _check_trainer_needs(args, self)
+        return args
 
     def _forced_settings(self) -> dict[str, Any]:
         """What LoRAMoE needs whatever the config says, and defaults that depend on the rest of the run."""
@@ -199,6 +206,7 @@ class RunConfig:
             "lora": dataclasses.asdict(self.lora),
             "data": self.data.to_dict(),
             "training": dict(self.training),
+            "allow_pickle": self.allow_pickle,
         }
 
 
@@ -230,6 +238,46 @@ _KIND_RULES: dict[type, Rule] = {
     float: number(),
     str: ((lambda v: isinstance(v, str)), "a string"),
 }
+
+
+def _check_trainer_needs(args: TrainingArguments, run: RunConfig) -> None:
+    """What the Trainer needs only once training starts, checked now: the optimizer and its package, the
+    scheduler with its kwargs, the report_to integrations' packages, and validation data for evaluation."""
+    import torch
+    from transformers import Trainer, get_scheduler
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    def fail(key: str, err: BaseException) -> None:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"training.{key}: {reason}") from err
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError, TypeError, RuntimeError) as err:
+        fail("optim", err)
+    try:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=probe,
+            num_warmup_steps=args.get_warmup_steps(100),
+            num_training_steps=100,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
+    except (ValueError, TypeError, KeyError, ImportError) as err:
+        fail("lr_scheduler_kwargs" if args.lr_scheduler_kwargs else "lr_scheduler_type", err)
+    try:
+        for callback in get_reporting_integration_callbacks(args.report_to):
+            callback()  # each one raises when its package is missing
+    except (ImportError, ValueError, RuntimeError) as err:
+        fail("report_to", err)
+    evaluates = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
+    if (evaluates or args.load_best_model_at_end) and not run.data.val_size:
+        raise ConfigError(
+            f"training.eval_strategy is {str(getattr(args.eval_strategy, 'value', args.eval_strategy))!r}"
+            f"{' (load_best_model_at_end)' if args.load_best_model_at_end else ''} but there is no validation "
+            "data: set data.val_size (a count, or a fraction such as 0.1), or eval_strategy: 'no'"
+        )
 
 
 @functools.cache

@@ -9,6 +9,11 @@ Design decisions:
   written (atomically, last); a resume takes the newest checkpoint whose marker verifies and says which torn ones
   it skipped.
 - A fresh run into a folder that holds another run's checkpoints is refused rather than mixed with them.
+- Training writes only into a new or empty directory or one of its own runs, claimed (and probed) before the model
+  loads; loramoe deletes only checkpoints it can prove are this run's (``checkpoints.py``).
+- What would fail only once training starts is checked before the first step: the Trainer's settings
+  (``run_config.py``), the output directory, ``data.max_length`` against the model's context, and on ``--resume``
+  every field that changed since the run started.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from loramoe.files import atomic_write_text
 from loramoe.inject import inject, summary
 from loramoe.training.baselines import BaselineTrainer, unfreeze, wrap_lora
 from loramoe.training.checkpoints import (
-    CompleteCheckpointCallback,
+    check_output_dir,
+    claim_output_dir,
     latest_good_checkpoint,
     list_checkpoints,
+    refuse_foreign,
     remove_torn_checkpoints,
+    run_id_of,
 )
 from loramoe.training.run_config import RUN_CONFIG_NAME, RunConfig
 from loramoe.training.trainer import GuardedTrainer, LoRAMoETrainer, check_parameters_finite
@@ -46,10 +54,14 @@ def prepare_model(model: nn.Module, run: RunConfig) -> nn.Module:
     return wrap_lora(model, run.loramoe, run.lora)
 
 
-def build_trainer(run: RunConfig) -> GuardedTrainer:
+def build_trainer(run: RunConfig, *, run_id: str | None = None) -> GuardedTrainer:
     """Load the base model, adapt it as ``run.method`` says, build the data, and return the ready Trainer.
 
     The base model is loaded on the CPU; the Trainer places it on the device (or devices) of the run.
+
+    Args:
+        run: the validated run configuration.
+        run_id: the output directory's run id (``claim_output_dir``); default: claim it here.
     """
     from transformers import set_seed
 
@@ -58,19 +70,27 @@ def build_trainer(run: RunConfig) -> GuardedTrainer:
 
     args = run.training_arguments()
     out = Path(args.output_dir)
+    if run_id is None and args.should_save:
+        run_id = claim_output_dir(out)
+    save_total_limit, args.save_total_limit = args.save_total_limit, None  # rotation is ours, after verifying
     # The adapter's initialisation draws from the global RNG: seed it (as the Trainer does later) so that a run,
     # and a resumed run, are reproducible in one process as well as in a fresh one.
     set_seed(args.seed)
-    model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu")
+    model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu", allow_pickle=run.allow_pickle)
+    context = context_length(model)
     model = prepare_model(model, run)
     if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             out / RUN_CONFIG_NAME, json.dumps(run.to_dict(), indent=2, sort_keys=True, default=str)
         )
     if run.method == "loramoe":
         logger.info("%s", summary(model))
     built = build_dataset(run.data, tokenizer, run.loramoe.task_names)
+    if context is not None and run.data.max_length > context:  # checked after the data: its errors come first
+        raise ConfigError(
+            f"data.max_length {run.data.max_length} is longer than the model's context ({context} positions); "
+            f"set data.max_length to {context} or less"
+        )
     trainer_class = LoRAMoETrainer if run.method == "loramoe" else BaselineTrainer
     trainer = trainer_class(
         model=model,
@@ -79,7 +99,8 @@ def build_trainer(run: RunConfig) -> GuardedTrainer:
         eval_dataset=built.val,
         data_collator=DataCollatorForLoRAMoE(tokenizer),
         processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()],
+        run_id=run_id,
+        save_total_limit=save_total_limit,
     )
     trainer.data_stats = built.stats
     check_launch(trainer.accelerator.distributed_type)
@@ -125,22 +146,37 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         The training metrics (also written to ``train_results.json``).
 
     Raises:
-        ConfigError: a fresh run (``resume=False``) into an output directory that holds checkpoints: the new run
-            would mix its checkpoints with the old run's, and a later resume could continue the wrong one.
+        ConfigError: the output directory is not loramoe's, holds a checkpoint folder this run cannot prove is its
+            own, or (a fresh run, ``resume=False``) holds this run's checkpoints: the new run would mix its
+            checkpoints with the old run's, and a later resume could continue the wrong one.
+        TrainingError: a NaN or infinite loss or gradient norm; the message names the step and the last good
+            checkpoint.
     """
-    earlier = list_checkpoints(Path(run.training["output_dir"]))
+    args = run.training_arguments()
+    out = Path(args.output_dir)
+    try:
+        # Before anything is loaded or written: never write into another project's directory.
+        check_output_dir(out)
+        run_id = claim_output_dir(out) if args.should_save else None
+        refuse_foreign(out, run_id or run_id_of(out))
+        earlier = list_checkpoints(out)
+    except OSError as err:  # another process removed or changed it meanwhile
+        raise ConfigError(
+            f"training.output_dir {str(out)!r}: {err.strerror or err}; is another run using it?"
+        ) from err
     if not resume and earlier:
         raise ConfigError(
-            f"training.output_dir {run.training['output_dir']!r} holds checkpoints of an earlier run "
-            f"({earlier[0].name}, ...); resume it (--resume), or choose a new output_dir or delete them"
+            f"training.output_dir {str(out)!r} holds checkpoints of an earlier run ({earlier[0].name}, ...); "
+            "continue it with --resume (resume=True), or choose a new output_dir"
         )
-    trainer = build_trainer(run)
-    out = Path(trainer.args.output_dir)
-    checkpoint = latest_good_checkpoint(out) if resume else None
+    if resume:
+        check_resume_config(out, run)
+    trainer = build_trainer(run, run_id=run_id)
+    checkpoint = latest_good_checkpoint(out, run_id=run_id) if resume else None
     if resume:
         logger.info("resuming from %s", checkpoint or "the start (no complete checkpoint found)")
         if trainer.args.should_save:
-            remove_torn_checkpoints(out, checkpoint)
+            remove_torn_checkpoints(out, checkpoint, run_id)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     check_parameters_finite(trainer.model, trainer.state.global_step)
     trainer.save_model(str(out))
@@ -152,3 +188,61 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             out / "train_results.json", json.dumps(metrics, indent=2, sort_keys=True, default=str)
         )
     return metrics
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model can take (``max_position_embeddings`` or ``n_positions``), if it says."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_resume_config(output_dir: Path, run: RunConfig) -> None:
+    """On resume, compare the run config with the one the run started with (``loramoe_run.json``).
+
+    A changed ``training`` setting (more steps, another logging interval) is allowed and each change is logged;
+    any other change (method, model, dtype, adapter, data) would continue a different run from this one's
+    checkpoints and is refused, naming every changed field.
+    """
+    from loramoe.files import read_json
+
+    path = output_dir / RUN_CONFIG_NAME
+    if not path.is_file():
+        return
+    before = _flatten(read_json(path, error=ConfigError, what="run config"))
+    now = _flatten(json.loads(json.dumps(run.to_dict(), default=str)))
+    changed = [(k, before[k], now[k]) for k in sorted(before.keys() & now.keys()) if before[k] != now[k]]
+    changed += [
+        (k, before[k], "(absent)") for k in sorted(before.keys() - now.keys()) if before[k] is not None
+    ]
+    changed += [(k, "(absent)", now[k]) for k in sorted(now.keys() - before.keys()) if k.startswith("data.")]
+    refused = [c for c in changed if not c[0].startswith("training.")]
+    if refused:
+        shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in refused[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        raise ConfigError(
+            f"--resume with a changed config: {shown}{more}. A resumed run continues the checkpoints of the run in "
+            f"{output_dir}, so its method, model, adapter and data must stay as they were ({path}); resume with "
+            "that config, or start a new output_dir"
+        )
+    for key, was, now_value in changed:
+        logger.warning("resuming with %s changed: was %r, now %r", key, was, now_value)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}

@@ -6,13 +6,20 @@ Design decisions:
   ``report_to``, DDP under ``torchrun`` / ``accelerate launch``, bf16 and gradient checkpointing work as users
   expect. The baselines' Trainer is in ``baselines.py``; both share ``GuardedTrainer``.
 - A NaN or infinite loss stops the run before the optimiser step, naming the step; the last good checkpoint stays.
-  Checking it reads one scalar per step back to the host: the one host sync of a step, kept on purpose, because
-  after the update the weights are already damaged.
+  Checking it reads one scalar per step back to the host, kept on purpose, because after the update the weights
+  are already damaged. The gradient norm is checked the same way, once per optimiser step: an infinite norm would
+  clip every gradient to zero and the run would end "successfully", untrained.
+- Checkpoints are this run's: each ``checkpoint-N`` is created with the run's owner marker inside before the
+  Trainer writes it, and ``save_total_limit`` rotation is done here, after the new checkpoint verifies
+  (transformers gets no limit, so it deletes nothing); see ``checkpoints.py``.
 - Loss parts and router statistics are summed on the device and read back only on logging steps
   (``RouterStatsCallback``).
 """
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,27 +29,67 @@ from loramoe.adapter import load_adapter_weights, save_adapter
 from loramoe.errors import TrainingError
 from loramoe.inject import get_config
 from loramoe.loss import compute_loss
-from loramoe.training.checkpoints import latest_good_checkpoint
+from loramoe.training.checkpoints import (
+    begin_checkpoint,
+    checkpoint_is_complete,
+    latest_good_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+)
 from loramoe.training.stats import RouterStatsCallback
 
 
 class GuardedTrainer(Trainer):
-    """The stock Trainer, stopped by a non-finite loss before the update and never checkpointing non-finite
-    weights."""
+    """The stock Trainer, stopped by a non-finite loss or gradient norm before the update, never checkpointing
+    non-finite weights, and writing, verifying and rotating only checkpoints of its own run.
+
+    Args:
+        run_id: the output directory's owner (``checkpoints.claim_output_dir``): the checkpoints this run may
+            replace or rotate. Required to save checkpoints.
+        save_total_limit: the run's ``save_total_limit``, applied here after verification (give the Trainer's
+            own arguments ``save_total_limit=None``).
+    """
+
+    def __init__(self, *args, run_id: str | None = None, save_total_limit: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_id = run_id
+        self.save_total_limit = save_total_limit
 
     def _save_checkpoint(self, model, trial) -> None:
         # A finite loss at step N does not make the update of step N finite; never mark such weights as good.
         check_parameters_finite(self.model, self.state.global_step)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            if self.run_id is None:
+                raise TrainingError(f"{run_dir}: no run id; train through loramoe's train() or build_trainer()")
+            begin_checkpoint(folder, self.run_id)  # the owner marker goes in before any other file
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its files (its RNG state) by now
+        if self.args.should_save:
+            mark_complete(folder, self.run_id)
+            if not checkpoint_is_complete(folder):
+                raise TrainingError(f"{folder}: written but does not verify; check the disk, then resume")
+            rotate_checkpoints(run_dir, self.run_id, self.save_total_limit, self.state.best_model_checkpoint)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimiser step, before the step.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and self.model.training and not math.isfinite(float(grad_norm)):
+            self._stop(f"gradient norm is {float(grad_norm)}")
+        return grad_norm
 
     def check_loss(self, loss: torch.Tensor) -> None:
         """Raise ``TrainingError`` (naming the step and the last good checkpoint) for a non-finite training loss."""
         if self.model.training and not bool(torch.isfinite(loss.detach()).all()):
-            last = latest_good_checkpoint(self.args.output_dir, quiet=True)
-            raise TrainingError(
-                f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped before the update. "
-                f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
-            )
+            self._stop(f"loss is {loss.item()}")
+
+    def _stop(self, what: str) -> None:
+        last = latest_good_checkpoint(self.args.output_dir, quiet=True, run_id=self.run_id)
+        raise TrainingError(
+            f"{what} at step {self.state.global_step + 1}; training stopped before the update. "
+            f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
+        )
 
     def token_average_scale(self, num_items_in_batch) -> float:
         """The factor the stock Trainer applies to a loss averaged over the tokens of every process: DDP averages
