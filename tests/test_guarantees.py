@@ -28,6 +28,7 @@ import torch
 import yaml
 
 import loramoe.training.train as train_module
+import loramoe.training.trainer as trainer_module
 from loramoe.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from loramoe.cli import main
 from loramoe.cli.overrides import apply_overrides
@@ -148,18 +149,18 @@ def test_rotation_waits_for_the_new_checkpoint_to_verify(root, tmp_path, monkeyp
     """save_total_limit=1 and a crash after checkpoint-6 is written but before its marker: checkpoint-3, the last
     good one, is still there, and the resumed run continues from step 3, not from step 0."""
     out = tmp_path / "run"
-    real = train_module.mark_complete
+    real = trainer_module.mark_complete
 
     def crash_at_6(folder, run_id=None):
         if folder.name == "checkpoint-6":
             raise Killed
         real(folder, run_id)
 
-    monkeypatch.setattr(train_module, "mark_complete", crash_at_6)
+    monkeypatch.setattr(trainer_module, "mark_complete", crash_at_6)
     with pytest.raises(Killed):
         owned_run(root, out, max_steps=9, save_total_limit=1)
     assert latest_good_checkpoint(out) == str(out / "checkpoint-3")
-    monkeypatch.setattr(train_module, "mark_complete", real)
+    monkeypatch.setattr(trainer_module, "mark_complete", real)
     with caplog.at_level("INFO", logger="loramoe.train"):
         train(RunConfig.from_dict(config(root, out, max_steps=9, save_total_limit=1)), resume=True)
     assert f"resuming from {out / 'checkpoint-3'}" in caplog.text  # continued, not restarted from step 0

@@ -50,7 +50,9 @@ class GuardedTrainer(Trainer):
             own arguments ``save_total_limit=None``).
     """
 
-    def __init__(self, *args, run_id: str | None = None, save_total_limit: int | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, run_id: str | None = None, save_total_limit: int | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.run_id = run_id
         self.save_total_limit = save_total_limit
@@ -62,7 +64,9 @@ class GuardedTrainer(Trainer):
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             if self.run_id is None:
-                raise TrainingError(f"{run_dir}: no run id; train through loramoe's train() or build_trainer()")
+                raise TrainingError(
+                    f"{run_dir}: no run id; train through loramoe's train() or build_trainer()"
+                )
             begin_checkpoint(folder, self.run_id)  # the owner marker goes in before any other file
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every process has written its files (its RNG state) by now
