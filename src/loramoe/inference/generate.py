@@ -148,6 +148,8 @@ def check_text(text: str, what: str) -> None:
 def context_length(model: torch.nn.Module) -> int | None:
     """The most positions the model takes (``max_position_embeddings`` or ``n_positions``), if its config says."""
     config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return value if isinstance(value, int) and value > 0 else None
 

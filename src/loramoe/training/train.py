@@ -28,6 +28,7 @@ from torch import nn
 
 from loramoe.errors import ConfigError
 from loramoe.files import atomic_write_text
+from loramoe.inference.generate import context_length
 from loramoe.inject import inject, summary
 from loramoe.training.baselines import BaselineTrainer, unfreeze, wrap_lora
 from loramoe.training.checkpoints import (
@@ -188,18 +189,6 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             out / "train_results.json", json.dumps(metrics, indent=2, sort_keys=True, default=str)
         )
     return metrics
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The most positions the model can take (``max_position_embeddings`` or ``n_positions``), if it says."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_resume_config(output_dir: Path, run: RunConfig) -> None:
