@@ -560,3 +560,32 @@ def test_the_load_benchmark_runs_and_loses_nothing(tmp_path):
     phases = json.loads(out.read_text())["phases"]
     assert [p["answered"] for p in phases] == [8, 8]
     assert all(not p["errors"] and not p["lost"] and not p["left_in_server"] for p in phases)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "mistral", "gemma3_text", "phi3"])
+def test_batched_decoding_equals_generate_on_each_architecture(model_type):
+    """Left padding, the KV cache and rows leaving the batch early, against ``generate`` on the same prompts."""
+    from loramoe.inference.generate import generate, padding_id
+    from loramoe.serve.decode import Decoder, Generation, Sampling
+
+    model = inject(tiny_model(model_type), LoRAMoEConfig(num_experts=2, rank=2, dropout=0.0))
+    tokenizer = tiny_tokenizer()
+    expected = generate(model, tokenizer, PROMPTS, max_new_tokens=10, progress=False)
+    short = generate(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    stops = stop_token_ids(model, tokenizer)
+    decoder = Decoder(model, tokenizer, stops, padding_id(tokenizer, stops))
+    got = {}
+    decoder.run(
+        [
+            Generation(
+                encode_chat(tokenizer, [{"role": "user", "content": prompt}]),
+                Sampling(max_tokens=4 if i % 2 else 10),  # every second row leaves the batch early
+                on_text=lambda text: None,
+                on_finish=lambda f, i=i: got.setdefault(i, f.text),
+            )
+            for i, prompt in enumerate(PROMPTS)
+        ]
+    )
+    assert [got[i] for i in range(len(PROMPTS))] == [
+        short[i] if i % 2 else expected[i] for i in range(len(PROMPTS))
+    ]
