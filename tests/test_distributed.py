@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import loramoe
+from loramoe.training.checkpoints import COMPLETE_MARKER, OWNER_MARKER, latest_good_checkpoint
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -73,6 +74,10 @@ def test_two_processes_agree_and_the_saved_adapter_loads(run_dir: Path, launcher
     state = json.loads((run_dir / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert len(loramoe.adapted_modules(model)) == 6
+    # the completion marker is written after every process wrote its files, and the checkpoint is this run's
+    marked = json.loads((run_dir / "out" / "checkpoint-4" / COMPLETE_MARKER).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", OWNER_MARKER} <= set(marked)
+    assert latest_good_checkpoint(run_dir / "out") == str(run_dir / "out" / "checkpoint-4")
 
 
 FSDP_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
