@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loramoe.inference.generate import encode_chat, encode_prompt, padding_id, stop_token_ids
+from loramoe.inference.generate import context_length, encode_chat, encode_prompt, padding_id, stop_token_ids
 from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown
 from loramoe.serve.config import ServeConfig
 from loramoe.serve.decode import Decoder, Finish
@@ -53,9 +53,7 @@ class ServerState:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ServeConfig):
         self.config, self.tokenizer = config, tokenizer
         self.model_name = config.model_name or _name_of(model)
-        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None
-        )
+        self.context = context_length(model)
         stops = stop_token_ids(model, tokenizer)
         self.decoder = Decoder(model.eval(), tokenizer, stops, padding_id(tokenizer, stops))
         self.batcher = Batcher(
