@@ -15,6 +15,7 @@ chosen moment, and library calls.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import loramoe.training.train as train_module
 import loramoe.training.trainer as trainer_module
@@ -185,6 +188,29 @@ def test_what_a_kill_leaves_mid_create_or_mid_remove_is_finished_on_resume(root,
     train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
     assert not creating.exists() and not removing.exists()
     assert latest_good_checkpoint(out) == str(out / "checkpoint-6")
+
+
+def test_an_output_directory_of_an_earlier_loramoe_resumes_from_its_verified_checkpoints(root, tmp_path):
+    """Written before owner markers: its complete checkpoints (loramoe's own completion marker verifies) are found
+    and resumed from; a torn one without markers cannot be proven to be loramoe's and is refused, not removed."""
+    from loramoe.training.checkpoints import mark_complete
+
+    out = tmp_path / "old"
+    owned_run(root, out, max_steps=6)
+    (out / OWNER_MARKER).unlink()
+    for folder in out.glob("checkpoint-*"):
+        (folder / OWNER_MARKER).unlink()
+        mark_complete(folder)  # as an earlier loramoe wrote it: no run id
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-6")
+    torn = out / "checkpoint-9"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half")
+    with pytest.raises(ConfigError, match=r"checkpoint-9: not written by this loramoe run"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert torn.is_dir()
+    shutil.rmtree(torn)  # the user moves it away
+    train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-9")
 
 
 def _deleting_calls(tree_: ast.AST):
@@ -560,6 +586,32 @@ def test_a_huge_record_is_cut_before_it_is_tokenised_with_the_same_result(root):
     finally:
         tok.__class__.__call__ = original
     assert max(calls) <= 64 * 32 + 16  # never the whole record
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!<>,'\"#|? \n\t0123")), max_size=80)
+    | st.text(max_size=40)
+)
+def test_yaml_parsing_raises_only_config_errors(text):
+    from loramoe.files import parse_yaml
+
+    with contextlib.suppress(ConfigError):
+        parse_yaml(text, "f.yaml")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    data=st.binary(max_size=120)
+    | st.text(alphabet=st.sampled_from(list('[]{}":,0123 NaInfty')), max_size=80).map(str.encode)
+)
+def test_json_reading_raises_only_the_given_error(tmp_path_factory, data):
+    from loramoe.files import read_json
+
+    path = tmp_path_factory.mktemp("json") / "x.json"
+    path.write_bytes(data)
+    with contextlib.suppress(AdapterError):
+        read_json(path, error=AdapterError)
 
 
 def test_an_absurd_adapter_is_refused_before_allocating():

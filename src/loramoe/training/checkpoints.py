@@ -120,11 +120,10 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 def is_owned(folder: Path, run_id: str | None) -> bool:
     """Whether ``folder`` provably belongs to run ``run_id``: its owner marker names the run, or (a checkpoint of
-    an earlier loramoe, written before owner markers) its completion marker verifies."""
-    if run_id is None:
-        return False
+    an earlier loramoe, written before owner markers) it has no owner marker and its completion marker, which only
+    loramoe writes, verifies. ``run_id`` None (a directory not claimed yet) owns only such earlier checkpoints."""
     if (folder / OWNER_MARKER).exists():
-        return _marker_id(folder / OWNER_MARKER) == run_id
+        return run_id is not None and _marker_id(folder / OWNER_MARKER) == run_id
     return checkpoint_is_complete(folder)
 
 
