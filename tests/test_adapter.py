@@ -245,7 +245,8 @@ def test_adapter_config_without_lbc_positions_loads_as_all_positions(saved):
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(AdapterError, match=r"field 'config.lbc_positions': missing"):  # format 2 requires it
         load_adapter(tiny_model("llama"), path)
-    del meta["format_version"]  # a config written before the field existed: format 1, which defines it as "all"
+    # a config written before the field existed: format 1, which defines it as "all"
+    del meta["format_version"]
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     assert get_config(load_adapter(tiny_model("llama"), path)).lbc_positions == "all"
     assert (

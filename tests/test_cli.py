@@ -4,6 +4,8 @@ model (run in-process: ``main(argv)`` is what the ``loramoe`` entry point calls)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,16 @@ def test_help_lists_config_keys_from_the_field_docs(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "loramoe.num_experts: N, LoRA experts" in out and "lora.rank:" in out and "--resume" in out
+
+
+def test_building_the_parser_imports_neither_the_trainer_nor_peft():
+    """Every subcommand (serve, generate, chat) builds the whole parser first: it must stay light."""
+    code = (
+        "import sys, loramoe.cli; loramoe.cli.build_parser(); "
+        "print(sorted(m for m in ('peft', 'transformers.trainer') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_overrides_set_nested_values_parsed_as_yaml():

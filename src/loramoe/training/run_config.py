@@ -19,9 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from transformers import TrainingArguments
+from typing import TYPE_CHECKING, Any
 
 from loramoe.config import LoRAMoEConfig
 from loramoe.data.sources import DataConfig
@@ -43,6 +41,9 @@ from loramoe.validation import (
     section,
     text,
 )
+
+if TYPE_CHECKING:  # transformers' training module imports peft and more: seconds the CLI's help need not pay
+    from transformers import TrainingArguments
 
 METHODS = ("loramoe", "lora", "full")
 RUN_CONFIG_NAME = "loramoe_run.json"
@@ -145,6 +146,8 @@ class RunConfig:
             ConfigError: an unknown name, a value of the wrong type or range, or a value transformers rejects;
                 the message names the ``training.`` setting.
         """
+        from transformers import TrainingArguments
+
         kwargs = {**TRAINING_DEFAULTS, **self.training, **self._forced_settings()}
         unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainingArguments)})
         require(
@@ -185,6 +188,8 @@ class RunConfig:
     def _rejected_setting(self, kwargs: dict[str, Any]) -> str | None:
         """The ``training`` setting TrainingArguments rejects on its own: each is tried alone on loramoe's
         defaults. None when only a combination fails (the message then names the settings itself)."""
+        from transformers import TrainingArguments
+
         base = {k: v for k, v in kwargs.items() if k not in self.training or k == "output_dir"}
         for key in self.training:
             try:
@@ -286,6 +291,8 @@ def _training_rule(key: str) -> Rule:
     int, float, str, one of them, or null); anything else is left to transformers."""
     if key in _TRAINING_RANGES:
         return _TRAINING_RANGES[key]
+    from transformers import TrainingArguments
+
     hint = typing.get_type_hints(TrainingArguments).get(key)
     union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     kinds = typing.get_args(hint) if union else (hint,)
