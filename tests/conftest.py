@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Set before transformers / huggingface_hub are imported by any test module: they read it at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Tiny tensors: one intra-op thread is faster, and on a shared machine far faster than spinning several.
 torch.set_num_threads(1)
+# Generating an example can take seconds on a loaded shared machine (CI included): slowness is not a failure.
+settings.register_profile("loramoe", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("loramoe")
 
 
 @pytest.fixture(autouse=True)
