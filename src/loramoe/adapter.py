@@ -223,12 +223,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
     digest = meta["weights_sha256"]
     if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
         raise AdapterError(f"{path} field 'weights_sha256': must be a SHA-256 hex digest, got {digest!r}")
+    # TypeError: a value of the wrong kind that the config's own checks do not catch
     try:
         cfg = LoRAMoEConfig.from_dict(saved)
-    except (
-        ConfigError,
-        TypeError,
-    ) as err:  # TypeError: a value of the wrong kind the config does not catch itself
+    except (ConfigError, TypeError) as err:
         raise AdapterError(f"{path} field 'config': {err}") from err
     return cfg, meta
 

@@ -158,13 +158,36 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
         return _run_tasks(cfg, tasks, data_dir, manager, model, tokenizer)
 
 
+def _evaluate_task(cfg: EvalConfig, task: str, manager: Any, lm: Any, chat: bool) -> dict[str, Any]:
+    """One task through lm-eval, with its per-document scores, mean, interval and times."""
+    import lm_eval
+
+    from loramoe.eval.tasks import TASKS
+
+    spec = TASKS[task]
+    limit = spec.limit if cfg.limit is None else (cfg.limit or None)
+    gen_kwargs = {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        limit=limit,
+        task_manager=manager,
+        apply_chat_template=chat,
+        gen_kwargs=gen_kwargs,
+        log_samples=True,  # the per-document scores, for the means and intervals
+        bootstrap_iters=0,
+    )
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    done = _task_result(task, out, seconds, cpu_seconds)
+    log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
+    return done
+
+
 def _run_tasks(
     cfg: EvalConfig, tasks: list[str], data_dir: Path, manager: Any, model: Any, tokenizer: Any
 ) -> dict[str, Any]:
-    import lm_eval
-
     from loramoe.eval.lm_eval_model import LoRAMoELM
-    from loramoe.eval.tasks import TASKS
 
     start = time.perf_counter()
     lm = LoRAMoELM(
@@ -199,28 +222,10 @@ def _run_tasks(
     )
     with off:
         for task in tasks:
-            spec = TASKS[task]
-            limit = spec.limit if cfg.limit is None else (cfg.limit or None)
-            gen_kwargs = (
-                {"max_gen_toks": cfg.max_new_tokens} if spec.generative and cfg.max_new_tokens else None
-            )
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                limit=limit,
-                task_manager=manager,
-                apply_chat_template=chat,
-                gen_kwargs=gen_kwargs,
-                log_samples=True,  # the per-document scores, for the means and intervals below
-                bootstrap_iters=0,
-            )
-            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-            result["tasks"][task] = done = _task_result(task, out, seconds, cpu_seconds)
+            result["tasks"][task] = _evaluate_task(cfg, task, manager, lm, chat)
             result["seconds"] = round(time.perf_counter() - start, 2)
             # after every task: an interrupted run keeps what it measured
             write_results(result, cfg.output_dir)
-            log.info("%s: %s = %.4f (%d docs, %.1f s)", task, spec.metric, done["score"], done["n"], seconds)
 
     return result
 

@@ -72,6 +72,27 @@ def generate(
         ConfigError: A bad setting, a chat template requested but missing, or a prompt with no tokens.
     """
     check_sampling(max_new_tokens, do_sample, temperature, top_p)
+    encoded = _encode_prompts(
+        model, tokenizer, prompts, max_new_tokens, batch_size, chat_template, system_prompt
+    )
+
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = padding_id(tokenizer, stop_ids)
+    gen_kwargs = generation_kwargs(max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
+    with inference_context(model, seed):
+        return _generate_batched(model, tokenizer, encoded, batch_size, gen_kwargs, progress)
+
+
+def _encode_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool | None,
+    system_prompt: str | None,
+) -> list[list[int]]:
+    """``generate``'s arguments checked and its prompts encoded, each checked against the model's context."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -92,12 +113,7 @@ def generate(
                 f"prompt {i} is {len(ids)} tokens; with max_new_tokens {max_new_tokens} that is more than the "
                 f"model's context ({context} positions); shorten the prompt or lower max_new_tokens"
             )
-
-    stop_ids = stop_token_ids(model, tokenizer)
-    pad_id = padding_id(tokenizer, stop_ids)
-    gen_kwargs = generation_kwargs(max_new_tokens, do_sample, temperature, top_p, stop_ids, pad_id)
-    with inference_context(model, seed):
-        return _generate_batched(model, tokenizer, encoded, batch_size, gen_kwargs, progress)
+    return encoded
 
 
 def _generate_batched(
