@@ -144,6 +144,7 @@ def top_up(run_dir: Path, sets: dict[str, list[dict]], load) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
@@ -153,8 +154,9 @@ def _claim(run_dir: Path) -> bool:
     """Take ``run_dir`` for this process (several drivers may share the plan); a dead owner's claim is taken over."""
     import os
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / "driver.lock"
+    # beside the run, not in it: training writes only into a directory that holds nothing but its own files
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.parent / f"{run_dir.name}.driver.lock"
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -311,8 +313,7 @@ def main() -> int:
         cfg = run_config(name, method, overrides, size, files, out, args.smoke)
         train_seconds = None
         if not (run_dir / "train_results.json").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
             log.info("train %s", name)
             t0 = time.time()
             train(RunConfig.from_dict(cfg), resume=True)  # an interrupted run continues from its checkpoint

@@ -72,7 +72,9 @@ def main() -> int:
     from loramoe.training.run_config import RunConfig
 
     run_dir = OUT / args.run
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    saved = OUT / f"{args.run}.yaml"  # the driver saves a run's config beside it (earlier drivers: inside)
+    saved = saved if saved.exists() else run_dir / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text(encoding="utf-8"))
     run = RunConfig.from_dict(cfg)
     model, tok = load_trained(run_dir)
     data = build_dataset(run.data, tok, run.loramoe.task_names).train

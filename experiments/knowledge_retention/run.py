@@ -223,8 +223,9 @@ def do_run(name: str, sets, out: Path, smoke: bool, threads: int) -> dict[str, A
     seconds = None
     timing = run_dir / "train_time.json"
     if not (run_dir / "train_results.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        # beside the run, not in it: training writes only into a directory that holds nothing but its own files
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         log.info("train %s (%d steps)", name, steps_of(name, smoke))
         resumed = any(run_dir.glob("checkpoint-*"))
         t0, c0 = time.time(), time.process_time()
