@@ -22,7 +22,8 @@ log = logging.getLogger("knowledge_retention")
 # WebQuestions test is scored like EfficientQA: a gold alias contained in the generated answer
 SUITES = {**TASKS, "webq": TASKS["efficientqa"]}
 assert SUITES["webq"].max_new_tokens == MAX_NEW_TOKENS
-CHAT_RANKED = {"sst2", "rte", "boolq", "agnews"}  # label words under the chat template; rome / lama: plain cloze
+# label words under the chat template; rome / lama: plain cloze
+CHAT_RANKED = {"sst2", "rte", "boolq", "agnews"}
 
 
 def encode_values(values: Sequence[float], binary: bool) -> str | list[float]:
@@ -77,7 +78,19 @@ def score_sets(model, tok, sets: dict[str, list[dict]]) -> dict[str, dict[str, A
             extra["examples"] = [[it["prompt"][-80:], p] for it, p in zip(items[:3], res.predictions[:3])]
         elif suite in CHAT_RANKED:
             extra["pred_dist"] = [res.predictions.count(k) for k in range(len(items[0]["choices"]))]
-        out[suite] = {**summary(res.values, binary=suite != "xsum"), **extra, "seconds": round(res.seconds, 1)}
+        out[suite] = {
+            **summary(res.values, binary=suite != "xsum"),
+            **extra,
+            "seconds": round(res.seconds, 1),
+        }
         r = out[suite]
-        log.info("  %-12s %.3f [%.3f, %.3f] n=%d (%.0fs)", suite, r["score"], r["lo"], r["hi"], r["n"], r["seconds"])
+        log.info(
+            "  %-12s %.3f [%.3f, %.3f] n=%d (%.0fs)",
+            suite,
+            r["score"],
+            r["lo"],
+            r["hi"],
+            r["n"],
+            r["seconds"],
+        )
     return out
