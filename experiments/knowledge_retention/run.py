@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
-from scoring import score_sets  # noqa: E402  (experiments/knowledge_retention/scoring.py)
-from sets import CBQA, evaluation_sets, fingerprint, sft_sources  # noqa: E402
+from scoring import routing_masses, score_sets  # noqa: E402  (experiments/knowledge_retention/scoring.py)
+from sets import evaluation_sets, fingerprint, sft_sources  # noqa: E402
 
 OUT = REPO / "outputs" / "knowledge_retention"
 RESULTS = HERE / "results"
@@ -153,32 +153,6 @@ def run_config(name: str, out: Path, smoke: bool) -> dict:
 
 def eval_record(sets: dict[str, list[dict]], scores: dict[str, Any]) -> dict[str, Any]:
     return {"scores": scores, "sets": {s: fingerprint(sets[s]) for s in scores}}
-
-
-def routing_masses(model, tok, sets: dict[str, list[dict]], per_suite: int = 48) -> dict[str, Any]:
-    """Mean router mass on each expert group, per eval suite (prompt + reference answer, as in training) and per
-    sample type (the CBQA suites are ``knowledge``, the downstream suites ``downstream``)."""
-    from loramoe.analysis.report import expert_usage, summarize
-    from loramoe.data.formats import Example
-    from loramoe.inject import get_config
-
-    cfg = get_config(model)
-    usage, types = {}, {}
-    for suite in [*CBQA, "sst2", "rte", "boolq", "agnews", "xsum"]:
-        items = sets[suite][:per_suite]
-        examples = [
-            Example(prompt=it["prompt"], answer=str(it["choices"][it["gold"]] if "choices" in it else it["golds"][0]),
-                    task_type=1 if suite in CBQA else 0, source=suite)
-            for it in items
-        ]  # fmt: skip
-        usage[suite], types[suite] = expert_usage(
-            model, tok, examples, template="chat", max_length=96, progress=False
-        )
-    report = summarize(usage, types, group_of_expert=cfg.group_of_expert(), task_names=cfg.task_names)
-    return {
-        "suites": {s: v["group_mass"] for s, v in report["tasks"].items()},
-        "types": {t: v["group_mass"] for t, v in report["task_types"].items()},
-    }
 
 
 def train_summary(run_dir: Path, seconds: dict | None) -> dict[str, Any]:

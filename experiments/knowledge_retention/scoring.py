@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evaluator import MAX_NEW_TOKENS, TASKS  # experiments/forgetting/evaluator.py: round 1's task table
+from sets import CBQA
 
 from loramoe.eval.metrics import Z95, mean_interval, wilson_interval
 
@@ -94,3 +95,29 @@ def score_sets(model, tok, sets: dict[str, list[dict]]) -> dict[str, dict[str, A
             r["seconds"],
         )
     return out
+
+
+def routing_masses(model, tok, sets: dict[str, list[dict]], per_suite: int = 48) -> dict[str, Any]:
+    """Mean router mass on each expert group, per eval suite (prompt + reference answer, as in training) and per
+    sample type (the CBQA suites are ``knowledge``, the downstream suites ``downstream``)."""
+    from loramoe.analysis.report import expert_usage, summarize
+    from loramoe.data.formats import Example
+    from loramoe.inject import get_config
+
+    cfg = get_config(model)
+    usage, types = {}, {}
+    for suite in [*CBQA, "sst2", "rte", "boolq", "agnews", "xsum"]:
+        items = sets[suite][:per_suite]
+        examples = [
+            Example(prompt=it["prompt"], answer=str(it["choices"][it["gold"]] if "choices" in it else it["golds"][0]),
+                    task_type=1 if suite in CBQA else 0, source=suite)
+            for it in items
+        ]  # fmt: skip
+        usage[suite], types[suite] = expert_usage(
+            model, tok, examples, template="chat", max_length=96, progress=False
+        )
+    report = summarize(usage, types, group_of_expert=cfg.group_of_expert(), task_names=cfg.task_names)
+    return {
+        "suites": {s: v["group_mass"] for s, v in report["tasks"].items()},
+        "types": {t: v["group_mass"] for t, v in report["task_types"].items()},
+    }
