@@ -9,7 +9,6 @@ and the downstream mean a bootstrap over items.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
 from run import GROUPS_OFF, METHODS, SIZES, item_key, parse_run, queue  # noqa: E402
-from scoring import decode_values, paired_ratio  # noqa: E402
+from scoring import decode_values, paired_bootstrap, paired_ratio  # noqa: E402
 from sets import CBQA  # noqa: E402
 
 DOWN = ["sst2", "rte", "boolq", "agnews", "xsum"]
@@ -46,16 +45,26 @@ def cbqa_values(rec: dict) -> list[float]:
     return [v for s in CBQA for v in values(rec, s)]
 
 
-def down_mean(rec: dict, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of the five downstream suites' scores, with a bootstrap interval (each suite's items resampled)."""
-    per = [values(rec, s) for s in DOWN]
-    mean = sum(sum(v) / len(v) for v in per) / len(per)
-    rng = random.Random(seed)
-    stats = sorted(
-        sum(sum(v[rng.randrange(len(v))] for _ in v) / len(v) for v in per) / len(per)
-        for _ in range(DRAWS // 4)
-    )
-    return mean, stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
+def downstream_bootstrap(recs: list[dict], stat, seed: int = 0) -> tuple[float, float, float]:
+    """``stat`` of the runs' downstream means (the five suites' mean score), with a 95 % interval: each suite's
+    items resampled, jointly across the runs (they are scored on the same held-out rows)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    point = np.zeros(len(recs))
+    draws = np.zeros((len(recs), DRAWS))
+    for suite in DOWN:
+        cols = np.asarray([values(r, suite) for r in recs], dtype=float)
+        idx = rng.integers(0, cols.shape[1], size=(DRAWS, cols.shape[1]))
+        point += cols.mean(axis=1) / len(DOWN)
+        draws += np.stack([c[idx].mean(axis=1) for c in cols]) / len(DOWN)
+    lo, hi = np.percentile(stat(*draws), [2.5, 97.5])
+    return float(stat(*point)), float(lo), float(hi)
+
+
+def down_mean(rec: dict) -> tuple[float, float, float]:
+    """Mean of the five downstream suites' scores, with a bootstrap interval."""
+    return downstream_bootstrap([rec], lambda a: a)
 
 
 def pooled(vals: list[float]) -> tuple[float, float, float]:
@@ -143,8 +152,61 @@ def tables(res: dict[str, dict]) -> str:
         if name in res:
             s = res[name]["scores"]
             lines.append(f"| {name} | " + " | ".join(f"{s[p]['score']:.3f}" for p in probes) + " |")
-    lines += ["", *group_off_table(res), "", *routing_table(res), "", *cost_lines(res)]
+    lines += [
+        "",
+        *head_to_head(res, rows),
+        "",
+        *group_off_table(res),
+        "",
+        *routing_table(res),
+        "",
+        *cost_lines(res),
+    ]
     return "\n".join(lines)
+
+
+def diff(a: tuple[float, float, float], digits: int = 3) -> str:
+    return f"{a[0]:+.{digits}f} [{a[1]:+.{digits}f}, {a[2]:+.{digits}f}]"
+
+
+def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
+    """Each LoRAMoE variant against LoRA at the same downstream volume and seed, paired over the same items."""
+    lora = {(r["size"], r["seed"]): r for r in rows if r["method"] == "lora"}
+    pairs = [
+        (r, lora[r["size"], r["seed"]])
+        for r in rows
+        if r["method"] != "lora" and (r["size"], r["seed"]) in lora
+    ]
+    if not pairs:
+        return []
+    lines = [
+        "Head to head with LoRA at the same downstream volume and seed: differences paired over the same items "
+        "(positive = the other method keeps or scores more; retention difference = the difference of the two "
+        "methods' ratios to their own knowledge-only runs, the four runs resampled together).",
+        "",
+        "| method - LoRA | downstream n | seed | CBQA | retention | WebQ | downstream |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for r, ref in pairs:
+        a, b = r["rec"], ref["rec"]
+        d_cbqa = paired_bootstrap(lambda x, y: x - y, [cbqa_values(a), cbqa_values(b)], draws=DRAWS)
+        d_webq = paired_bootstrap(lambda x, y: x - y, [values(a, "webq"), values(b, "webq")], draws=DRAWS)
+        ret = "-"
+        a0, b0 = res.get(f"{r['method']}_d0"), res.get("lora_d0")
+        if r["size"] and a0 and b0:
+            d = paired_bootstrap(
+                lambda x, x0, y, y0: x / x0 - y / y0,
+                [cbqa_values(a), cbqa_values(a0), cbqa_values(b), cbqa_values(b0)],
+                draws=DRAWS,
+            )
+            ret = diff((d["value"], d["lo"], d["hi"]), 2)
+        lines.append(
+            f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | "
+            f"{diff((d_cbqa['value'], d_cbqa['lo'], d_cbqa['hi']))} | {ret} | "
+            f"{diff((d_webq['value'], d_webq['lo'], d_webq['hi']))} | "
+            f"{diff(downstream_bootstrap([a, b], lambda x, y: x - y))} |"
+        )
+    return lines
 
 
 def group_off_table(res: dict[str, dict]) -> list[str]:
@@ -153,25 +215,32 @@ def group_off_table(res: dict[str, dict]) -> list[str]:
         return ["Expert groups switched off: no run evaluated yet (queued after the LoRAMoE runs)."]
     lines = [
         "Expert groups switched off at inference (`loramoe.disable_experts`; the router renormalised over the other "
-        "group). If the groups specialise as the paper says, each switch hurts its own side more.",
+        "group); changes against the same model with every expert on, paired over the same items. If the groups "
+        "specialise as the paper says, each switch hurts its own side more: knowledge off costs CBQA, downstream off "
+        "costs the downstream mean.",
         "",
-        "| run | experts on | CBQA | WebQ | downstream | SST-2 | AG News |",
-        "|---|---|---|---|---|---|---|",
+        "| run | experts on | CBQA | change | downstream | change | facts | SST-2 | AG News |",
+        "|---|---|---|---|---|---|---:|---:|---:|",
     ]
     for run in sorted({res[k]["run"] for k in done}):
         if run not in res:
             continue
+        on = res[run]
         for label, rec in [
-            ("all", res[run]),
+            ("all", on),
             *[(f"{g} off", res.get(f"{run}__{g}_off")) for g in GROUPS_OFF],
         ]:
             if rec is None:
                 continue
             s = rec["scores"]
+            change_cbqa = change_down = "-"
+            if rec is not on:
+                d = paired_bootstrap(lambda x, y: x - y, [cbqa_values(rec), cbqa_values(on)], draws=DRAWS)
+                change_cbqa = diff((d["value"], d["lo"], d["hi"]))
+                change_down = diff(downstream_bootstrap([rec, on], lambda x, y: x - y))
             lines.append(
-                f"| {run} | {label} | {fmt(*pooled(cbqa_values(rec)))} | "
-                f"{fmt(s['webq']['score'], s['webq']['lo'], s['webq']['hi'])} | {fmt(*down_mean(rec))} | "
-                f"{s['sst2']['score']:.3f} | {s['agnews']['score']:.3f} |"
+                f"| {run} | {label} | {fmt(*pooled(cbqa_values(rec)))} | {change_cbqa} | {fmt(*down_mean(rec))} | "
+                f"{change_down} | {s['facts']['score']:.3f} | {s['sst2']['score']:.3f} | {s['agnews']['score']:.3f} |"
             )
     return lines
 
@@ -207,25 +276,45 @@ def figure(res: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in run_rows(res) if r["seed"] == 42]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, method in enumerate(METHODS):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size"])
         if not mine:
             continue
         xs = [r["size"] + (i - 2) * 40 for r in mine]  # a small offset so intervals do not overlap
-        for ax, key in ((axes[0], "cbqa"), (axes[1], "down")):
-            ys = [r[key][0] for r in mine]
-            err = [[r[key][0] - r[key][1] for r in mine], [r[key][2] - r[key][0] for r in mine]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=LABEL[method])
-    axes[0].set_title("closed-book QA (pooled), 95 % interval")
-    axes[1].set_title("downstream mean, 95 % interval")
-    for ax in axes:
+        ret = [r.get("retention", (1.0, 1.0, 1.0)) for r in mine]  # a knowledge-only run is its own reference
+        for ax, pts in ((axes[0], ret), (axes[1], [r["down"] for r in mine])):
+            ax.errorbar(xs, [p[0] for p in pts], yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]],
+                        marker="o", capsize=3, label=LABEL[method])  # fmt: skip
+        cb, dn = [r["cbqa"] for r in mine], [r["down"] for r in mine]
+        axes[2].errorbar(
+            [d[0] for d in dn],
+            [c[0] for c in cb],
+            xerr=[[d[0] - d[1] for d in dn], [d[2] - d[0] for d in dn]],
+            yerr=[[c[0] - c[1] for c in cb], [c[2] - c[0] for c in cb]],
+            marker="o",
+            capsize=3,
+            label=LABEL[method],
+        )
+        for r, d, c in zip(mine, dn, cb):
+            axes[2].annotate(
+                f"{r['size']}", (d[0], c[0]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    axes[0].axhline(1.0, color="grey", lw=0.5)
+    axes[0].set_title("CBQA retention (vs the method's knowledge-only run)")
+    axes[1].set_title("downstream mean")
+    axes[2].set_title("CBQA against downstream (labels: downstream n)")
+    for ax in axes[:2]:
         ax.set_xlabel("downstream SFT samples (on top of 1,000 knowledge samples)")
         ax.set_xticks(SIZES)
+    axes[2].set_xlabel("downstream mean")
+    axes[2].set_ylabel("CBQA (pooled)")
     if "base" in res:
-        axes[0].axhline(pooled(cbqa_values(res["base"]))[0], color="grey", ls=":", label="base (no SFT)")
-        axes[1].axhline(down_mean(res["base"])[0], color="grey", ls=":")
+        axes[1].axhline(down_mean(res["base"])[0], color="grey", ls=":", label="base (no SFT)")
+        axes[2].axhline(pooled(cbqa_values(res["base"]))[0], color="grey", ls=":", label="base (no SFT)")
     axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.suptitle("95 % intervals", fontsize=8, x=0.99, ha="right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

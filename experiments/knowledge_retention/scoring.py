@@ -9,7 +9,6 @@ can be computed later from the committed results.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,23 +46,31 @@ def summary(values: Sequence[float], binary: bool) -> dict[str, Any]:
     return {"score": score, "n": n, "lo": lo, "hi": hi, "values": encode_values(values, binary)}
 
 
+def paired_bootstrap(stat, columns: Sequence[Sequence[float]], *, draws: int = 2000, seed: int = 0) -> dict:
+    """``stat`` of the columns' means (runs scored on the same items), with a 95 % interval from resampling the
+    items jointly across the columns, so what the runs share (how hard an item is) cancels out of the interval.
+    ``stat`` takes one mean per column and works elementwise (it is applied to arrays of resampled means)."""
+    import numpy as np
+
+    lengths = {len(c) for c in columns}
+    if len(lengths) != 1:
+        raise ValueError(f"paired items differ in number: {sorted(lengths)}")
+    cols = np.asarray(columns, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, cols.shape[1], size=(draws, cols.shape[1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = float(stat(*cols.mean(axis=1)))
+        stats = np.asarray(stat(*[c[idx].mean(axis=1) for c in cols]), dtype=float)
+    stats = stats[np.isfinite(stats)]
+    if len(stats) < draws * 0.9:  # a ratio whose denominator is often zero: no interval
+        return {"value": value, "lo": float("nan"), "hi": float("nan")}
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return {"value": value, "lo": float(lo), "hi": float(hi)}
+
+
 def paired_ratio(num: Sequence[float], den: Sequence[float], *, draws: int = 2000, seed: int = 0) -> dict:
     """Ratio of two runs' means on the same items, with a 95 % paired-bootstrap interval (items resampled)."""
-    n = len(num)
-    if n != len(den):
-        raise ValueError(f"paired items differ in number: {n} vs {len(den)}")
-    ratio = sum(num) / sum(den) if sum(den) else float("nan")
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
-        d = sum(den[i] for i in idx)
-        if d:
-            stats.append(sum(num[i] for i in idx) / d)
-    stats.sort()
-    if len(stats) < draws * 0.9:
-        return {"ratio": ratio, "lo": float("nan"), "hi": float("nan")}
-    return {"ratio": ratio, "lo": stats[int(0.025 * len(stats))], "hi": stats[int(0.975 * len(stats)) - 1]}
+    r = paired_bootstrap(lambda a, b: a / b, [num, den], draws=draws, seed=seed)
+    return {"ratio": r["value"], "lo": r["lo"], "hi": r["hi"]}
 
 
 def score_sets(model, tok, sets: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
