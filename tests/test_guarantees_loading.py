@@ -1,0 +1,125 @@
+"""Guarantee 2 of docs/reliability.md: never unpickle; one loading gate, safetensors only, for every weight file.
+
+Pickle-format weights are refused wherever a loader reads weights (with only a pickle and an unrelated
+safetensors file beside it), a pickle beside the safetensors is never opened, and the explicit ``--allow-pickle``
+opt-in reads tensors only: a payload never runs. Shared setup: ``guarantees_helpers.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramoe.adapter import WEIGHTS_NAME, save_adapter
+from loramoe.config import LoRAMoEConfig
+from loramoe.errors import AdapterError, LoRAMoEError
+from loramoe.inject import inject
+from loramoe.models.base import load_base
+from loramoe.models.trained import load_trained
+from loramoe.training.run_config import RunConfig
+from loramoe.training.train import train
+
+from guarantees_helpers import cli_error, config, make_root
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_root(tmp_path_factory)
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def evil_pickle(path: Path, marker: Path) -> None:
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, path)
+
+
+def full_output(folder: Path) -> None:
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+
+
+def test_pickle_weights_are_refused_wherever_a_loader_reads_weights(root, tmp_path):
+    """Each loader (loramoe adapter, PEFT adapter, full output, base model, a base named by an adapter, a base to
+    train), with only a pickle (whose unpickling would create a file) and an unrelated safetensors file beside."""
+    marker = tmp_path / "pwned"
+    full = tmp_path / "full"
+    full_output(full)
+    (full / "model.safetensors").rename(full / "unrelated.safetensors")
+    evil_pickle(full / "pytorch_model.bin", marker)
+    adapter = tmp_path / "adapter"
+    save_adapter(
+        inject(tiny_model("llama"), LoRAMoEConfig(num_experts=2, rank=2)),
+        adapter,
+        base_name_or_path=str(full),
+    )
+    named = tmp_path / "names-a-pickle-base"
+    shutil.copytree(adapter, named)
+    (adapter / WEIGHTS_NAME).rename(adapter / "unrelated.safetensors")
+    evil_pickle(adapter / "adapter_model.bin", marker)
+    from peft import LoraConfig, get_peft_model
+
+    peft = tmp_path / "peft"
+    base = tiny_model("llama")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["up_proj"])).save_pretrained(peft)
+    (peft / "adapter_model.safetensors").rename(peft / "unrelated.safetensors")
+    evil_pickle(peft / "adapter_model.bin", marker)
+    meta = json.loads((peft / "adapter_config.json").read_text())
+    (peft / "adapter_config.json").write_text(
+        json.dumps({**meta, "base_model_name_or_path": str(root / "base")})
+    )
+
+    refusal = r"pytorch_model\.bin|adapter_model\.bin"
+    for call in (
+        lambda: load_trained(full),
+        lambda: load_trained(adapter),
+        lambda: load_trained(peft),
+        lambda: load_trained(named),
+        lambda: load_base(str(full)),
+        lambda: train(RunConfig.from_dict({**config(root, tmp_path / "out"), "model": str(full)})),
+    ):
+        with pytest.raises(
+            LoRAMoEError, match=rf"({refusal}): refusing to load a pickle file \(unpickling can run"
+        ):
+            call()
+    assert not marker.exists()
+
+
+def test_a_pickle_beside_the_safetensors_is_never_opened(root, tmp_path):
+    marker = tmp_path / "pwned"
+    full = tmp_path / "full"
+    full_output(full)
+    evil_pickle(full / "pytorch_model.bin", marker)
+    model, _ = load_trained(full)
+    assert not marker.exists() and not model.training
+
+
+def test_allow_pickle_reads_tensors_only(root, tmp_path, capsys):
+    """The explicit opt-in reads pickle-format weights with torch.load(weights_only=True): real tensors load, a
+    payload is still refused and never runs."""
+    full = tmp_path / "full"
+    full_output(full)
+    state = tiny_model("llama").state_dict()
+    (full / "model.safetensors").unlink()
+    torch.save(state, full / "pytorch_model.bin")
+    with pytest.raises(AdapterError, match="allow-pickle"):
+        load_trained(full)
+    model, _ = load_trained(full, allow_pickle=True)
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    marker = tmp_path / "pwned"
+    evil_pickle(full / "pytorch_model.bin", marker)
+    with pytest.raises(LoRAMoEError):
+        load_trained(full, allow_pickle=True)
+    line = cli_error(capsys, ["generate", "--adapter", str(full), "--allow-pickle", "--prompt", "hi"])
+    assert "full" in line
+    assert not marker.exists()

@@ -1,0 +1,191 @@
+"""Guarantee 1 of docs/reliability.md: loramoe deletes or overwrites only what it wrote, and rotates checkpoints
+only after the new one verifies.
+
+A directory loramoe did not write is refused and left intact, a foreign checkpoint inside a loramoe run is never
+deleted, a kill at a chosen moment (before a checkpoint's marker, mid-create, mid-remove) is finished on resume,
+an earlier loramoe's output resumes from its verified checkpoints; in ``src/``, deletion happens only in the
+guarded places and no message recommends destroying data. Shared setup: ``guarantees_helpers.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import loramoe.training.trainer as trainer_module
+from loramoe.errors import ConfigError
+from loramoe.training.checkpoints import OWNER_MARKER, latest_good_checkpoint
+from loramoe.training.run_config import RunConfig
+from loramoe.training.train import train
+
+from guarantees_helpers import cli_error, config, make_root, owned_run, tree
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "loramoe"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_root(tmp_path_factory)
+
+
+def foreign_project(folder: Path) -> None:
+    (folder / "checkpoint-500").mkdir(parents=True)
+    (folder / "checkpoint-500" / "model.safetensors").write_bytes(os.urandom(256))
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(os.urandom(64))
+    (folder / "notes.txt").write_text("another project's results\n")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_directory_loramoe_did_not_write_is_refused_and_left_intact(root, tmp_path, capsys, resume):
+    out = tmp_path / "theirs"
+    foreign_project(out)
+    before = tree(out)
+    with pytest.raises(
+        ConfigError, match=r"holds files loramoe did not write \(checkpoint-500, notes\.txt\)"
+    ):
+        train(RunConfig.from_dict(config(root, out)), resume=resume)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, out)))
+    line = cli_error(capsys, ["train", str(cfg), *(["--resume"] if resume else [])])
+    assert "did not write" in line and not re.search(r"\bdelete\b|--resume", line), line
+    assert tree(out) == before
+
+
+def test_a_foreign_checkpoint_inside_a_loramoe_run_is_never_deleted(root, tmp_path, capsys):
+    out = tmp_path / "ours"
+    owned_run(root, out)
+    assert (out / OWNER_MARKER).is_file() and (out / "checkpoint-3" / OWNER_MARKER).is_file()
+    foreign = out / "checkpoint-9"  # newer than ours, no marker: a resume used to remove it as "torn"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(os.urandom(128))
+    impostor = out / "checkpoint-6"  # a marker naming another run
+    impostor.mkdir()
+    (impostor / OWNER_MARKER).write_text(json.dumps({"run_id": "someone-else"}))
+    before = tree(out)
+    for resume in (True, False):
+        with pytest.raises(ConfigError, match=r"checkpoint-9: not written by this loramoe run.*Move it out"):
+            train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=resume)
+    assert tree(out) == before
+    shutil.rmtree(foreign)  # the user moves it away; the impostor is still not ours
+    with pytest.raises(ConfigError, match=r"checkpoint-6: not written by this loramoe run"):
+        train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
+    assert (impostor / OWNER_MARKER).is_file()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at one chosen moment: nothing after it runs, no handler catches it."""
+
+
+def test_rotation_waits_for_the_new_checkpoint_to_verify(root, tmp_path, monkeypatch, caplog):
+    """save_total_limit=1 and a crash after checkpoint-6 is written but before its marker: checkpoint-3, the last
+    good one, is still there, and the resumed run continues from step 3, not from step 0."""
+    out = tmp_path / "run"
+    real = trainer_module.mark_complete
+
+    def crash_at_6(folder, run_id=None):
+        if folder.name == "checkpoint-6":
+            raise Killed
+        real(folder, run_id)
+
+    monkeypatch.setattr(trainer_module, "mark_complete", crash_at_6)
+    with pytest.raises(Killed):
+        owned_run(root, out, max_steps=9, save_total_limit=1)
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-3")
+    monkeypatch.setattr(trainer_module, "mark_complete", real)
+    with caplog.at_level("INFO", logger="loramoe.train"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9, save_total_limit=1)), resume=True)
+    assert f"resuming from {out / 'checkpoint-3'}" in caplog.text  # continued, not restarted from step 0
+    assert "removing" in caplog.text and "checkpoint-6" in caplog.text  # its own torn one, replaced
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-9"]  # rotated once verified
+
+
+def test_what_a_kill_leaves_mid_create_or_mid_remove_is_finished_on_resume(root, tmp_path):
+    """Checkpoint folders are created and removed under hidden names holding the run id (then renamed), so a kill
+    at any moment leaves either nothing or such a hidden folder, never a marker-less checkpoint-N; the next run
+    finishes them. A claim killed half way (the owner marker's temporary file) does not make the directory foreign."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{OWNER_MARKER}.x1y2.tmp").write_text("{")  # killed while claiming
+    owned_run(root, out)
+    run_id = json.loads((out / OWNER_MARKER).read_text())["run_id"]
+    creating = out / f".checkpoint-6.new-{run_id}"  # killed before the rename into checkpoint-6
+    creating.mkdir()
+    removing = out / f".checkpoint-3.removing-{run_id}"  # killed in the middle of a removal
+    removing.mkdir()
+    (removing / "optimizer.pt").write_bytes(b"half")
+    train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
+    assert not creating.exists() and not removing.exists()
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-6")
+
+
+def test_an_output_directory_of_an_earlier_loramoe_resumes_from_its_verified_checkpoints(root, tmp_path):
+    """Written before owner markers: its complete checkpoints (loramoe's own completion marker verifies) are found
+    and resumed from; a torn one without markers cannot be proven to be loramoe's and is refused, not removed."""
+    from loramoe.training.checkpoints import mark_complete
+
+    out = tmp_path / "old"
+    owned_run(root, out, max_steps=6)
+    (out / OWNER_MARKER).unlink()
+    for folder in out.glob("checkpoint-*"):
+        (folder / OWNER_MARKER).unlink()
+        mark_complete(folder)  # as an earlier loramoe wrote it: no run id
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-6")
+    torn = out / "checkpoint-9"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half")
+    with pytest.raises(ConfigError, match=r"checkpoint-9: not written by this loramoe run"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert torn.is_dir()
+    shutil.rmtree(torn)  # the user moves it away
+    train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-9")
+
+
+def _deleting_calls(tree_: ast.AST):
+    """The enclosing function of every call that deletes a file or folder (``shutil.rmtree``, ``os.remove``,
+    ``os.unlink``, ``os.rmdir``, ``Path.unlink``/``rmdir``) in a module."""
+    for fn in ast.walk(tree_):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                    owner = getattr(f.value, "id", "") if isinstance(f, ast.Attribute) else ""
+                    if name in ("rmtree", "unlink", "rmdir", "removedirs") or (
+                        name == "remove" and owner == "os"
+                    ):
+                        yield fn.name
+
+
+# Where loramoe deletes, and what: this run's checkpoints (after checking ownership), its own temporary files.
+ALLOWED_DELETIONS = {
+    ("checkpoints.py", "_remove_owned"),  # a checkpoint this run proved is its own, right before
+    ("checkpoints.py", "_sweep_leftovers"),  # its own hidden folders a kill left, named by its run id
+    ("checkpoints.py", "claim_output_dir"),  # the probe file it just wrote
+    ("files.py", "atomic_path"),  # its own temporary file, when a write fails
+}
+
+
+def test_deletion_happens_only_in_the_guarded_places():
+    found = set()
+    for path in sorted(SRC.rglob("*.py")):
+        for function in _deleting_calls(ast.parse(path.read_text(encoding="utf-8"))):
+            found.add((path.name, function))
+    conversion = {f for f in found if f[1] == "_ensure_converted"}  # its own temporary conversion folders
+    assert found - conversion <= ALLOWED_DELETIONS, found - conversion - ALLOWED_DELETIONS
+    assert ("checkpoints.py", "_remove_owned") in found
+
+
+def test_no_message_recommends_destroying_data():
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not re.search(r"\b(delete|remove|rm -rf|erase|wipe) (it|them|the folder|the directory)\b",
+                                     node.value, re.I), f"{path.name}: {node.value!r}"  # fmt: skip

@@ -1,0 +1,143 @@
+"""Guarantee 5 of docs/reliability.md: bounded parsing and reading.
+
+A huge config or override is refused unread, FIFOs and devices are refused without reading, a huge record is cut
+before it is tokenised with the same result, YAML and JSON parsing (fuzzed by hypothesis) raise only their
+loramoe errors, and an absurd adapter is refused before allocating. Shared setup: ``guarantees_helpers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loramoe.cli.overrides import apply_overrides
+from loramoe.config import LoRAMoEConfig
+from loramoe.errors import AdapterError, ConfigError, DataError
+from loramoe.files import load_yaml
+from loramoe.inject import adapted_modules, inject
+
+from guarantees_helpers import make_root
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_root(tmp_path_factory)
+
+
+def test_a_huge_config_or_override_is_refused_unread(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("model: base\n# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml: \d+ bytes, more than a config can be"):
+        load_yaml(big)
+    with pytest.raises(ConfigError, match=r"more than a config can be"):
+        apply_overrides({}, ["model=" + "x" * (100 << 10)])
+
+
+def _returns_within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` in a thread; fail if it is still blocked after ``seconds`` (a FIFO read never returns)."""
+    result: list = []
+
+    def run():
+        try:
+            call()
+            result.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            result.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked reading a non-regular file"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_and_devices_are_refused_without_reading(root, tmp_path):
+    from loramoe.data.formats import read_records
+    from loramoe.inference.prompts import read_prompts
+
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    for call, kind in [
+        (lambda: read_records(fifo), DataError),
+        (lambda: read_records("/dev/zero"), DataError),
+        (lambda: load_yaml(fifo), ConfigError),
+        (lambda: read_prompts(fifo), DataError),
+        (lambda: apply_overrides({}, []) or load_yaml("/dev/zero"), ConfigError),
+    ]:
+        err = _returns_within(10, call)
+        assert isinstance(err, kind) and re.search(
+            r"(FIFO \(named pipe\)|character device), not a regular file", str(err)
+        ), err
+
+
+def test_a_huge_record_is_cut_before_it_is_tokenised_with_the_same_result(root):
+    from loramoe.data.dataset import ExampleEncoder
+    from loramoe.data.formats import Example
+
+    tok = tiny_tokenizer()
+    encoder = ExampleEncoder(tok, max_length=64, template="plain")
+    calls = []
+    original = tok.__class__.__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(len(text))
+        return original(self, text, *args, **kwargs)
+
+    # ~16k characters: cut, and still far more than 64 tokens
+    words = " ".join(f"w{i % 97}" for i in range(3000))
+    whole = ExampleEncoder(tok, max_length=10**6, template="plain").encode(Example(words, words, 0))[0]
+    cut, how = encoder.encode(Example(words, words, 0))
+    assert how == "answer"
+    keep = 64 // 2  # the answer is cut, so the prompt keeps max_length // 2 tokens: its end
+    prompt_ids = whole["input_ids"][: whole["labels"].count(-100)]
+    assert cut["input_ids"][:keep] == prompt_ids[-keep:]
+    answer_ids = whole["input_ids"][len(prompt_ids) :]
+    assert cut["input_ids"][keep:] == answer_ids[: 64 - keep]
+    try:
+        tok.__class__.__call__ = counting
+        encoder.encode(Example("p" * 50_000_000, "a" * 50_000_000, 0))  # 100 MB of text
+    finally:
+        tok.__class__.__call__ = original
+    assert max(calls) <= 64 * 32 + 16  # never the whole record
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!<>,'\"#|? \n\t0123")), max_size=80)
+    | st.text(max_size=40)
+)
+def test_yaml_parsing_raises_only_config_errors(text):
+    from loramoe.files import parse_yaml
+
+    with contextlib.suppress(ConfigError):
+        parse_yaml(text, "f.yaml")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    data=st.binary(max_size=120)
+    | st.text(alphabet=st.sampled_from(list('[]{}":,0123 NaInfty')), max_size=80).map(str.encode)
+)
+def test_json_reading_raises_only_the_given_error(tmp_path_factory, data):
+    from loramoe.files import read_json
+
+    path = tmp_path_factory.mktemp("json") / "x.json"
+    path.write_bytes(data)
+    with contextlib.suppress(AdapterError):
+        read_json(path, error=AdapterError)
+
+
+def test_an_absurd_adapter_is_refused_before_allocating():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=r"num_experts=1000000 .*more than 10x the base model's"):
+        inject(model, LoRAMoEConfig(num_experts=1_000_000, rank=64))
+    assert not adapted_modules(model)
