@@ -1,0 +1,108 @@
+"""What the ``test_serve_*`` modules share: a tiny LoRAMoE adapter pair saved to disk, a uvicorn server on a free
+loopback port serving one of them (loaded the way ``loramoe generate`` loads it), and raw HTTP helpers.
+
+Those modules test ``loramoe serve`` against real clients (the official ``openai`` client and raw HTTP, httpx):
+``test_serve_clients`` (the OpenAI client, server-sent events), ``test_serve_batching`` (batching and equality with
+``loramoe generate``), ``test_serve_requests`` (auth and bad requests), ``test_serve_overload`` (overload, timeouts,
+SIGTERM, the load benchmark) and ``test_serve_decoding`` (text streaming and the batched decoder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+import uvicorn
+
+from loramoe import LoRAMoEConfig, adapted_modules, inject, save_adapter
+from loramoe.inference.generate import stop_token_ids
+from loramoe.models.base import load_base
+from loramoe.models.trained import load_trained
+from loramoe.serve.app import build_app
+from loramoe.serve.config import ServeConfig
+
+from tiny import tiny_model, tiny_tokenizer
+
+USER = [{"role": "user", "content": "Hi"}]
+PROMPTS = ["Hello there", "A much longer prompt, to force left padding in a batch", "x", "What is 2+2?"]
+
+
+def _save_adapter(root: Path, name: str, *, end_scale: float) -> Path:
+    """A tiny llama base and a LoRAMoE adapter with random experts and routers. ``end_scale`` scales the end
+    tokens' rows of the output layer: 2 makes some answers end early, 0 makes every answer run to ``max_tokens``."""
+    base = root / f"{name}-base"
+    model = tiny_model("llama", max_position_embeddings=512)
+    tokenizer = tiny_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight[stop_token_ids(model, tokenizer)] *= end_scale
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model, _ = load_base(str(base))
+    torch.manual_seed(1)
+    inject(model, LoRAMoEConfig(num_experts=4, rank=2, dropout=0.0))
+    with torch.no_grad():
+        for layer in adapted_modules(model).values():
+            layer.loramoe_B.normal_(std=0.3)
+            layer.loramoe_router.normal_(std=1.0)
+    return save_adapter(model, root / name)
+
+
+def make_adapters(tmp_path_factory) -> dict[str, Path]:
+    """``plain`` (some answers end early) and ``endless`` (every answer runs to ``max_tokens``), on their bases.
+    Each module builds its own in a module-scoped ``adapters`` fixture."""
+    root = tmp_path_factory.mktemp("serve")
+    return {
+        "plain": _save_adapter(root, "plain", end_scale=2.0),
+        "endless": _save_adapter(root, "endless", end_scale=0.0),
+    }
+
+
+class Running:
+    """A server started on a background thread; ``url`` is its base URL."""
+
+    def __init__(self, app, sock: socket.socket):
+        self.app, self.state = app, app.state.serve
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@contextlib.contextmanager
+def running(adapter: Path | None, base: str | None = None, **settings):
+    model, tokenizer = load_trained(adapter, base=base)
+    config = ServeConfig(model_name="tiny", **{"batch_wait_ms": 100.0, **settings})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = Running(build_app(model, tokenizer, config), sock)
+    server.thread.start()
+    deadline = time.monotonic() + 30
+    while not server.server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.server.should_exit = True
+        server.thread.join(30)
+
+
+def chat(url: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": "tiny", **body}, timeout=60, **kwargs)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The ``data:`` payloads of a server-sent event stream, in order."""
+    events = []
+    for line in response.iter_lines():
+        if line:
+            assert line.startswith("data: "), line
+            events.append(line[len("data: ") :])
+    return events

@@ -1,0 +1,135 @@
+"""``loramoe serve`` batching: concurrent greedy answers equal ``loramoe generate``, streaming and plain requests
+of different lengths and stops share a batch and each stop on their own, seeded and near-greedy sampling, router
+statistics on demand (and refused without an adapter), the model list and health. Shared setup:
+``serve_helpers.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loramoe.cli import main
+
+from serve_helpers import PROMPTS, USER, chat, make_adapters, running
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    return make_adapters(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    with running(adapters["plain"]) as running_server:
+        yield running_server
+
+
+async def _concurrently(
+    url: str, bodies: list[dict], path: str = "/v1/chat/completions"
+) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+
+
+def test_concurrent_greedy_answers_equal_loramoe_generate(server, adapters, capsys):
+    argv = ["generate", "--adapter", str(adapters["plain"]), "--jsonl", "--max-new-tokens", "16"]
+    assert main([*argv, *(arg for p in PROMPTS for arg in ("--prompt", p))]) == 0
+    expected = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+    batches_before = server.state.batcher.batches
+    bodies = [
+        {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0}
+        for p in PROMPTS
+    ]
+    responses = asyncio.run(_concurrently(server.url, bodies))
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == expected
+    assert server.state.batcher.batches - batches_before < len(PROMPTS)  # some requests shared a forward
+    reasons = {r.json()["choices"][0]["finish_reason"] for r in responses}
+    assert reasons == {
+        "stop",
+        "length",
+    }  # the batch had rows ending at an end token and rows running to the limit
+
+
+def test_streaming_and_plain_requests_in_one_batch_each_stop_on_their_own(server):
+    """Different lengths, stop strings and stream modes share a batch; each answer equals the one it gets alone."""
+    long_prompt = [{"role": "user", "content": PROMPTS[1]}]  # runs to max_tokens on this model
+    short_prompt = [{"role": "user", "content": PROMPTS[0]}]  # ends at an end token on this model
+    alone = chat(server.url, {"messages": long_prompt, "max_tokens": 12, "temperature": 0}).json()
+    text = alone["choices"][0]["message"]["content"]
+    assert alone["choices"][0]["finish_reason"] == "length" and len(text) > 6
+    stop = text[4:6]
+    bodies = [
+        {"messages": long_prompt, "max_tokens": 12, "temperature": 0},
+        {"messages": long_prompt, "max_tokens": 3, "temperature": 0},
+        {"messages": long_prompt, "max_tokens": 12, "temperature": 0, "stop": [stop]},
+        {"messages": short_prompt, "max_tokens": 12, "temperature": 0, "stream": True},
+    ]
+    responses = asyncio.run(_concurrently(server.url, [{"model": "tiny", **b} for b in bodies]))
+    full, short, stopped = (r.json()["choices"][0] for r in responses[:3])
+    assert full["message"]["content"] == text
+    assert short["finish_reason"] == "length" and responses[1].json()["usage"]["completion_tokens"] == 3
+    assert (
+        stopped["finish_reason"] == "stop"
+        and stopped["message"]["content"] == text[: text.index(stop)].strip()
+    )
+    events = [
+        json.loads(line[6:]) for line in responses[3].text.splitlines() if line and line != "data: [DONE]"
+    ]
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    alone_short = chat(server.url, {"messages": short_prompt, "max_tokens": 12, "temperature": 0}).json()
+    assert events[-1]["choices"][0]["finish_reason"] == alone_short["choices"][0]["finish_reason"] == "stop"
+    assert streamed == alone_short["choices"][0]["message"]["content"]
+
+
+def test_a_seed_makes_sampling_repeatable(server):
+    body = {
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "top_p": 0.9,
+    }
+    first, second = (chat(server.url, {**body, "seed": 7}).json() for _ in range(2))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+def test_a_tiny_temperature_samples_like_greedy(server):
+    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 8}
+    greedy = chat(server.url, {**body, "temperature": 0}).json()["choices"][0]["message"]["content"]
+    nearly = chat(server.url, {**body, "temperature": 1e-40, "seed": 3})
+    assert nearly.status_code == 200 and nearly.json()["choices"][0]["message"]["content"] == greedy
+
+
+def test_router_stats_on_demand(server):
+    client = server.client()
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0)
+    assert "router_stats" not in (client.chat.completions.create(**kwargs).model_extra or {})
+    stats = client.chat.completions.create(**kwargs, extra_body={"router_stats": True}).model_extra[
+        "router_stats"
+    ]
+    assert stats["groups"] == ["downstream", "knowledge"] and stats["layers"] == 6  # 2 blocks x 3 FFN linears
+    for part in ("prompt", "completion"):
+        assert sum(stats[part]["group_mass"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert len(stats[part]["expert_mass"]) == 4 and sum(stats[part]["expert_mass"]) == pytest.approx(
+            1.0, abs=1e-5
+        )
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body={"router_stats": True}))
+    assert chunks[-1].model_extra["router_stats"]["groups"] == ["downstream", "knowledge"]
+
+
+def test_a_base_model_alone_is_served_and_router_stats_need_an_adapter(adapters):
+    with running(None, base=str(adapters["plain"].parent / "plain-base")) as plain:
+        body = {"messages": USER, "max_tokens": 3, "temperature": 0}
+        assert chat(plain.url, body).json()["usage"]["completion_tokens"] <= 3
+        refused = chat(plain.url, {**body, "router_stats": True})
+        assert refused.status_code == 400 and "no LoRAMoE layers" in refused.json()["error"]["message"]
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"

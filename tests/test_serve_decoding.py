@@ -1,0 +1,99 @@
+"""The decoding under ``loramoe serve``, without a server: ``TextStream`` deltas join to the final text, a cancelled
+sequence leaves its batch while the others finish, and batched decoding equals ``generate`` on each architecture.
+Shared setup: ``serve_helpers.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loramoe import LoRAMoEConfig, inject
+from loramoe.inference.generate import encode_chat, stop_token_ids
+from loramoe.models.trained import load_trained
+from loramoe.serve.decode import TextStream
+
+from serve_helpers import PROMPTS, make_adapters
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    return make_adapters(tmp_path_factory)
+
+
+class _CharTokenizer:
+    """Decodes ids as characters (for TextStream tests without a real vocabulary)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize(
+    "text, stop, expected",
+    [
+        ("  Hello world  ", (), "Hello world"),
+        ("Hello\nUser: hi", ("\nUser:",), "Hello"),
+        ("a ab abc", ("abc",), "a ab"),
+    ],
+)
+def test_text_stream_deltas_join_to_the_final_text(text, stop, expected):
+    stream, sent = TextStream(_CharTokenizer(), stop), []
+    ids = [ord(c) for c in text]
+    for k in range(1, len(ids) + 1):
+        sent.append(stream.update(ids[:k], final=k == len(ids)))
+        if stream.stopped:
+            break
+    assert "".join(sent) == stream.text == expected
+
+
+def test_a_cancelled_sequence_leaves_its_batch_and_the_others_finish(adapters):
+    from loramoe.inference.generate import padding_id
+    from loramoe.serve.decode import Decoder, Generation, Sampling
+
+    model, tokenizer = load_trained(adapters["endless"])
+    stops = stop_token_ids(model, tokenizer)
+    decoder = Decoder(model, tokenizer, stops, padding_id(tokenizer, stops))
+    finished = {}
+    gens = [
+        Generation(
+            encode_chat(tokenizer, [{"role": "user", "content": prompt}]),
+            Sampling(max_tokens=20),
+            on_text=lambda text: None,
+            on_finish=lambda f, i=i: finished.setdefault(i, f),
+        )
+        for i, prompt in enumerate(PROMPTS[:2])
+    ]
+    gens[0].cancelled = lambda: len(gens[0].ids) >= 3  # its client leaves after three tokens
+    decoder.run(gens)
+    assert 0 not in finished and len(gens[0].ids) == 3
+    assert finished[1].completion_tokens == 20 and finished[1].reason == "length"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "mistral", "gemma3_text", "phi3"])
+def test_batched_decoding_equals_generate_on_each_architecture(model_type):
+    """Left padding, the KV cache and rows leaving the batch early, against ``generate`` on the same prompts."""
+    from loramoe.inference.generate import generate, padding_id
+    from loramoe.serve.decode import Decoder, Generation, Sampling
+
+    model = inject(tiny_model(model_type), LoRAMoEConfig(num_experts=2, rank=2, dropout=0.0))
+    tokenizer = tiny_tokenizer()
+    expected = generate(model, tokenizer, PROMPTS, max_new_tokens=10, progress=False)
+    short = generate(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    stops = stop_token_ids(model, tokenizer)
+    decoder = Decoder(model, tokenizer, stops, padding_id(tokenizer, stops))
+    got = {}
+    decoder.run(
+        [
+            Generation(
+                encode_chat(tokenizer, [{"role": "user", "content": prompt}]),
+                Sampling(max_tokens=4 if i % 2 else 10),  # every second row leaves the batch early
+                on_text=lambda text: None,
+                on_finish=lambda f, i=i: got.setdefault(i, f.text),
+            )
+            for i, prompt in enumerate(PROMPTS)
+        ]
+    )
+    assert [got[i] for i in range(len(PROMPTS))] == [
+        short[i] if i % 2 else expected[i] for i in range(len(PROMPTS))
+    ]
