@@ -14,7 +14,7 @@ Those modules test the guarantees against an outside adversary, one module per c
 6. ``test_guarantees_entry_points``: generate / chat / routing and library entry points fail with
    ``loramoe.errors`` types.
 
-The bad-input corpus (``tests/bad_inputs``, run by ``test_reliability.py``) holds the command-line cases of
+The bad-input corpus (``tests/bad_inputs``, run by ``test_reliability_corpus.py``) holds the command-line cases of
 each class; these tests cover what a corpus case cannot: that nothing was deleted or executed, resumes, crashes at
 a chosen moment, and library calls.
 """
