@@ -29,18 +29,24 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def test_overload_gets_429_and_no_request_is_lost(adapters):
     with running(adapters["endless"], max_batch_size=1, max_queue=1, batch_wait_ms=0.0) as busy:
         client = openai.AsyncOpenAI(base_url=busy.url + "/v1", api_key="none", max_retries=0, timeout=60)
-        kwargs = dict(model="tiny", messages=USER, max_tokens=40, temperature=0)
+        # long enough that the first request still holds the only batch slot while the other seven arrive
+        kwargs = dict(model="tiny", messages=USER, max_tokens=200, temperature=0)
 
         async def load():
-            return await asyncio.gather(
-                *(client.chat.completions.create(**kwargs) for _ in range(8)), return_exceptions=True
+            first = asyncio.create_task(client.chat.completions.create(**kwargs))
+            deadline = time.monotonic() + 60
+            while not busy.state.batcher._batch and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the first request is running: the queue's one slot is free
+            rest = await asyncio.gather(
+                *(client.chat.completions.create(**kwargs) for _ in range(7)), return_exceptions=True
             )
+            return [await first, *rest]
 
         results = asyncio.run(load())
         answered = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, Exception)]
         assert len(answered) >= 2 and refused and all(isinstance(e, openai.RateLimitError) for e in refused)
-        assert all(r.usage.completion_tokens == 40 for r in answered)
+        assert all(r.usage.completion_tokens == 200 for r in answered)
         error = refused[0].response
         assert error.json()["error"]["type"] == "rate_limit_error" and error.headers["retry-after"] == "1"
         assert chat(busy.url, {"messages": USER, "max_tokens": 2}).status_code == 200  # and it keeps serving
