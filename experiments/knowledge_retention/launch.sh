@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Start the knowledge-retention driver in the background: niced, one torch thread, appending to
-# outputs/knowledge_retention.log. It runs a snapshot of the committed code (git archive of HEAD under /tmp), so
-# rebasing or editing the worktree cannot change what a running driver imports later. Extra arguments go to run.py.
+# Start the knowledge-retention driver in the background: niced, one torch thread, appending to <out>.log
+# (outputs/knowledge_retention.log by default; a second driver beside the first needs its own --out, and a
+# group-switch item runs in the --out that holds its trained model). It runs a snapshot of the committed code (git
+# archive of HEAD under /tmp), so rebasing or editing the worktree cannot change what a running driver imports
+# later. Extra arguments go to run.py.
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 sha=$(git -C "$repo" rev-parse --short HEAD)
@@ -13,9 +15,14 @@ if [ ! -d "$snap/repo" ]; then
 fi
 py=${PYTHON:-$repo/.venv/bin/python}
 [ -x "$py" ] || py=/work/main/.venv/bin/python
-mkdir -p "$repo/outputs"
+out=$repo/outputs/knowledge_retention
+prev=
+for arg in "$@"; do  # run.py takes the last --out given
+    [ "$prev" = --out ] && out=$(realpath -m "$arg")
+    prev=$arg
+done
+mkdir -p "$(dirname "$out")"
 PYTHONPATH="$snap/repo/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
     nohup nice -n 10 "$py" "$snap/repo/experiments/knowledge_retention/run.py" --threads 1 \
-    --out "$repo/outputs/knowledge_retention" --results "$repo/experiments/knowledge_retention/results" "$@" \
-    >> "$repo/outputs/knowledge_retention.log" 2>&1 &
-echo "driver pid $! (code $sha); log: outputs/knowledge_retention.log"
+    --out "$out" --results "$repo/experiments/knowledge_retention/results" "$@" >> "$out.log" 2>&1 &
+echo "driver pid $! (code $sha); log: $out.log"
