@@ -182,15 +182,19 @@ def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
     lines = [
         "Head to head with LoRA at the same downstream volume and seed: differences paired over the same items "
         "(positive = the other method keeps or scores more; retention difference = the difference of the two "
-        "methods' ratios to their own knowledge-only runs, the four runs resampled together).",
+        "methods' ratios to their own knowledge-only runs, the four runs resampled together). `facts` (108 world "
+        "facts the base model knows, asked in chat) is where the first experiment saw the forgetting.",
         "",
-        "| method - LoRA | downstream n | seed | CBQA | retention | WebQ | downstream |",
-        "|---|---:|---:|---|---|---|---|",
+        "| method - LoRA | downstream n | seed | CBQA | retention | WebQ | facts | downstream |",
+        "|---|---:|---:|---|---|---|---|---|",
     ]
     for r, ref in pairs:
         a, b = r["rec"], ref["rec"]
         d_cbqa = paired_bootstrap(lambda x, y: x - y, [cbqa_values(a), cbqa_values(b)], draws=DRAWS)
-        d_webq = paired_bootstrap(lambda x, y: x - y, [values(a, "webq"), values(b, "webq")], draws=DRAWS)
+        d_webq, d_facts = (
+            paired_bootstrap(lambda x, y: x - y, [values(a, suite), values(b, suite)], draws=DRAWS)
+            for suite in ("webq", "facts")
+        )
         ret = "-"
         a0, b0 = res.get(f"{r['method']}_d0"), res.get("lora_d0")
         if r["size"] and a0 and b0:
@@ -204,6 +208,7 @@ def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
             f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | "
             f"{diff((d_cbqa['value'], d_cbqa['lo'], d_cbqa['hi']))} | {ret} | "
             f"{diff((d_webq['value'], d_webq['lo'], d_webq['hi']))} | "
+            f"{diff((d_facts['value'], d_facts['lo'], d_facts['hi']))} | "
             f"{diff(downstream_bootstrap([a, b], lambda x, y: x - y))} |"
         )
     return lines
