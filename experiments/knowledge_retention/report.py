@@ -165,7 +165,10 @@ def tables(res: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def diff(a: tuple[float, float, float], digits: int = 3) -> str:
+def diff(a: tuple[float, float, float] | dict, digits: int = 3) -> str:
+    """A signed difference with its interval; ``a`` is (value, lo, hi) or a paired_bootstrap result."""
+    if isinstance(a, dict):
+        a = (a["value"], a["lo"], a["hi"])
     return f"{a[0]:+.{digits}f} [{a[1]:+.{digits}f}, {a[2]:+.{digits}f}]"
 
 
@@ -203,12 +206,12 @@ def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
                 [cbqa_values(a), cbqa_values(a0), cbqa_values(b), cbqa_values(b0)],
                 draws=DRAWS,
             )
-            ret = diff((d["value"], d["lo"], d["hi"]), 2)
+            ret = diff(d, 2)
         lines.append(
             f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | "
-            f"{diff((d_cbqa['value'], d_cbqa['lo'], d_cbqa['hi']))} | {ret} | "
-            f"{diff((d_webq['value'], d_webq['lo'], d_webq['hi']))} | "
-            f"{diff((d_facts['value'], d_facts['lo'], d_facts['hi']))} | "
+            f"{diff(d_cbqa)} | {ret} | "
+            f"{diff(d_webq)} | "
+            f"{diff(d_facts)} | "
             f"{diff(downstream_bootstrap([a, b], lambda x, y: x - y))} |"
         )
     return lines
@@ -241,7 +244,7 @@ def group_off_table(res: dict[str, dict]) -> list[str]:
             change_cbqa = change_down = "-"
             if rec is not on:
                 d = paired_bootstrap(lambda x, y: x - y, [cbqa_values(rec), cbqa_values(on)], draws=DRAWS)
-                change_cbqa = diff((d["value"], d["lo"], d["hi"]))
+                change_cbqa = diff(d)
                 change_down = diff(downstream_bootstrap([rec, on], lambda x, y: x - y))
             lines.append(
                 f"| {run} | {label} | {fmt(*pooled(cbqa_values(rec)))} | {change_cbqa} | {fmt(*down_mean(rec))} | "
