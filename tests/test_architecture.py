@@ -70,6 +70,31 @@ def imported_modules(path: Path, root: Path = SRC) -> list[tuple[int, tuple[str,
     return found
 
 
+def facade_imports(path: Path, root: Path = SRC) -> list[int]:
+    """Lines of ``import loramoe`` / ``from loramoe import x`` (or a relative import that resolves to the package
+    itself): imports of the package ``__init__``, the facade of the library's names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module_parts(path, root)[:-1]
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            if any(alias.name == "loramoe" for alias in node.names):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = (*base, *(node.module.split(".") if node.module else []))
+            else:
+                target = (
+                    tuple((node.module or "").split("."))[1:]
+                    if (node.module or "").split(".")[0] == "loramoe"
+                    else None
+                )
+            if target == ():
+                lines.append(node.lineno)
+    return lines
+
+
 def modules() -> list[Path]:
     return sorted(p for p in SRC.rglob("*.py"))
 
@@ -112,3 +137,28 @@ def test_the_readme_layout_names_every_module_and_package():
     packages = {f"{p.name}/" for p in SRC.iterdir() if (p / "__init__.py").is_file()}
     missing = sorted(name for name in top | packages if name not in block)
     assert not missing, f"README's project layout does not mention {missing}"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in modules() if p != SRC / "__init__.py"], ids=lambda p: str(p.relative_to(SRC))
+)
+def test_no_module_imports_the_package_facade(path):
+    # loramoe/__init__ re-exports the core for users; inside the package a name comes from the module that
+    # defines it, so the core never imports back up through __init__ and nothing depends on the facade.
+    lines = facade_imports(path)
+    assert not lines, (
+        f"{path.relative_to(SRC)} line(s) {lines}: imports the package facade (`from loramoe import ...` or "
+        "`import loramoe`); import each name from its module (`from loramoe.adapter import load_adapter`, "
+        "`from loramoe._version import __version__`)"
+    )
+
+
+def test_the_facade_checker_sees_absolute_relative_and_submodule_forms(tmp_path):
+    pkg = tmp_path / "loramoe" / "eval"
+    pkg.mkdir(parents=True)
+    module = pkg / "x.py"
+    module.write_text(
+        "import loramoe\nfrom loramoe import load_adapter\nfrom .. import inject\n"
+        "from loramoe.adapter import save_adapter\nimport loramoe.layer\nfrom . import engine\n"
+    )
+    assert facade_imports(module, tmp_path / "loramoe") == [1, 2, 3]

@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_fsdp2_two_processes_match_one_process_and_save_a_whole_adapter(tmp_path: Path) -> None:
     # torch's FSDP2 (fully_shard) with gloo: 2 ranks, each one micro-batch of every global batch, against one
     # process that runs both micro-batches of every step. The adapter is saved from the sharded parameters
-    # with save_adapter called on every rank, and loaded back into freshly sharded parameters.
+    # with save_sharded_adapter called on every rank, and loaded back into freshly sharded parameters.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", str(FSDP_SCRIPT), str(tmp_path / "fsdp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -191,20 +191,24 @@ def test_adapter_from_disk_and_in_memory_model_give_the_adapted_logliks(
     assert (torch.tensor(sum(ref, [])) - base).abs().max() > 1e-2  # the adapter changed the model
 
 
-def test_command_line_wrapper_adds_our_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_lm_eval_command_line_adds_our_tasks_and_leaves_sys_argv_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import lm_eval.__main__
 
-    from loramoe.eval.lm_eval_model import main
+    from loramoe.cli import main
 
     seen: list[list[str]] = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
     monkeypatch.setattr(sys, "argv", ["x"])
     monkeypatch.setenv("LORAMOE_DATA_DIR", str(tmp_path))
-    main(["run", "--model", "loramoe", "--tasks", "loramoe_webq"])
-    main(["run", "--model", "loramoe", "--include_path", "mine"])
+    assert main(["lm-eval", "run", "--model", "loramoe", "--tasks", "loramoe_webq"]) == 0
+    assert main(["lm-eval", "--model", "loramoe", "--include_path", "mine"]) == 0
     first, second = seen
     assert first[:2] == ["lm-eval", "run"] and (Path(first[-1]) / "loramoe_webq.yaml").is_file()
-    assert first[-2] == "--include_path" and second.count("--include_path") == 1
+    assert first[-2] == "--include_path" and second[:3] == ["lm-eval", "--model", "loramoe"]
+    assert second.count("--include_path") == 1
+    assert sys.argv == ["x"]
 
 
 def _fake_data(root: Path) -> Path:

@@ -6,8 +6,7 @@ constraint, so that fine-tuning learns downstream tasks without erasing the worl
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from loramoe._version import __version__
 from loramoe.adapter import load_adapter, save_adapter
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, DataError, LoRAMoEError, TargetError, TrainingError

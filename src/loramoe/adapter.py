@@ -26,12 +26,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
+from loramoe._version import __version__
 from loramoe.config import LoRAMoEConfig
-from loramoe.errors import AdapterError, ConfigError, TrainingError
+from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
 from loramoe.weights import weights_format
@@ -48,12 +47,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAMoEConfig))
 _ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "intermediate_size": ("n_inner",)}
-
-
-def _version() -> str:
-    from loramoe import __version__
-
-    return __version__
 
 
 def base_identity(model: nn.Module) -> dict[str, object]:
@@ -76,50 +69,17 @@ def base_identity(model: nn.Module) -> dict[str, object]:
 FILE_KEYS = {"loramoe_A": "lora_A", "loramoe_B": "lora_B", "loramoe_router": "router"}  # parameter -> file
 
 
-def adapter_state_dict(
-    model: nn.Module, model_state: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """File-format tensors (``M.lora_A``, ``M.lora_B``, ``M.router``), whole, contiguous, on the CPU.
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """File-format tensors (``M.lora_A``, ``M.lora_B``, ``M.router``) of the model's own parameters, on the CPU.
 
-    Args:
-        model: an adapted model. Parameters sharded by FSDP2 (``DTensor``) are gathered: a collective, so every
-            rank must call this.
-        model_state: the model's full ``state_dict`` already gathered by a training engine (the Trainer's save
-            under FSDP or DeepSpeed ZeRO-3); the adapter tensors are taken from it instead of the parameters.
-
-    Raises:
-        TrainingError: a tensor is not whole (a partitioned ZeRO-3 parameter, an empty placeholder): no adapter is
-            written from a part.
+    Parameters sharded by a training engine (FSDP2, DeepSpeed ZeRO-3) are gathered by
+    ``loramoe.training.sharded.gathered_adapter_state`` instead.
     """
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_modules(model).items():
-        for param_name, file_name in FILE_KEYS.items():
-            param = getattr(layer, param_name)
-            if model_state is not None:
-                tensor = model_state[_state_key(model_state, f"{name}.{param_name}")]
-            else:
-                tensor = param.full_tensor() if isinstance(param, DTensor) else param
-            if tuple(tensor.shape) != tuple(param.shape) or tensor.numel() == 0:
-                raise TrainingError(
-                    f"{name}.{param_name} has shape {tuple(tensor.shape)}, the layer needs {tuple(param.shape)}: "
-                    "the parameter is partitioned and was not gathered (DeepSpeed ZeRO-3: set "
-                    "zero3_save_16bit_model: true in the accelerate config); the adapter was not written"
-                )
-            state[f"{name}.{file_name}"] = tensor.detach().cpu().contiguous()
-    return state
-
-
-def _state_key(model_state: dict[str, torch.Tensor], key: str) -> str:
-    """``key`` as it appears in an engine's state dict (which may keep a wrapper prefix such as ``module.``)."""
-    if key in model_state:
-        return key
-    matches = [k for k in model_state if k.endswith("." + key)]
-    if len(matches) != 1:
-        raise TrainingError(
-            f"the model state gathered for saving has no single entry for {key} (found {matches[:3]}); with "
-            "DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config. The adapter was not written"
-        )
-    return matches[0]
+    return {
+        f"{name}.{file_name}": getattr(layer, param_name).detach().cpu().contiguous()
+        for name, layer in adapted_modules(model).items()
+        for param_name, file_name in FILE_KEYS.items()
+    }
 
 
 def save_adapter(
@@ -127,17 +87,18 @@ def save_adapter(
     out_dir: str | os.PathLike,
     *,
     base_name_or_path: str | None = None,
-    model_state: dict[str, torch.Tensor] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the adapter of ``model`` to ``out_dir`` (created if needed), each file atomically.
 
-    Under FSDP2 (sharded parameters) call it on every rank: the shards are gathered and only rank 0 writes.
+    A model whose parameters a training engine has sharded (FSDP2, DeepSpeed ZeRO-3) is saved with
+    ``loramoe.training.sharded.save_sharded_adapter``, which gathers the shards and writes through this function.
 
     Args:
         model: an adapted model.
         out_dir: destination directory.
         base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
-        model_state: a full ``state_dict`` gathered by a training engine (see ``adapter_state_dict``).
+        tensors: the file-format tensors to write, whole (default: ``adapter_state_dict(model)``).
 
     Returns:
         The directory.
@@ -145,9 +106,7 @@ def save_adapter(
     from safetensors.torch import save_file
 
     cfg = get_config(model)
-    tensors = adapter_state_dict(model, model_state)  # gathers on every rank before any rank returns
-    if dist.is_initialized() and dist.get_rank() != 0 and _is_sharded(model):
-        return Path(out_dir)
+    tensors = adapter_state_dict(model) if tensors is None else tensors
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: is a file; save_adapter writes a directory, give a directory path")
@@ -161,7 +120,7 @@ def save_adapter(
     meta = {
         "format": "loramoe",
         "format_version": FORMAT_VERSION,
-        "loramoe_version": _version(),
+        "loramoe_version": __version__,
         "config": cfg.to_dict(),
         "base_model": identity,
         "weights_sha256": digest,
@@ -273,10 +232,11 @@ def load_adapter(
     except ConfigError as err:  # e.g. an absurd size for this base model, refused before allocating
         raise AdapterError(f"{adapter_dir / CONFIG_NAME} field 'config': {err}") from err
     try:
-        _copy_weights(model, state, weights)
+        check_weights_fit(model, state, weights)
     except AdapterError:
         _uninject(model)
         raise
+    _copy_weights(model, state)
     for param in adapter_parameters(model).values():
         param.requires_grad_(is_trainable)
     return model
@@ -288,12 +248,23 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> nn
     Raises:
         AdapterError: as ``load_adapter``, and when the saved config differs from the model's.
     """
+    _copy_weights(model, read_adapter_weights(model, adapter_dir))
+    return model
+
+
+def read_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The saved file-format tensors, checked against a model that already has the same LoRAMoE layers.
+
+    Raises:
+        AdapterError: as ``load_adapter``, and when the saved config differs from the model's.
+    """
     adapter_dir = Path(adapter_dir)
     cfg, meta = read_adapter_config(adapter_dir)
     if cfg != get_config(model):
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: the saved LoRAMoE config differs from this model's")
-    _copy_weights(model, _read_weights(adapter_dir, meta), adapter_dir / WEIGHTS_NAME)
-    return model
+    state = _read_weights(adapter_dir, meta)
+    check_weights_fit(model, state, adapter_dir / WEIGHTS_NAME)
+    return state
 
 
 def _read_weights(adapter_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -316,11 +287,12 @@ def _read_weights(adapter_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
-    layers = adapted_modules(model)
+def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Raise ``AdapterError`` listing every tensor of ``state`` that is missing, unexpected, of the wrong shape or
+    dtype, or not finite for the LoRAMoE layers of ``model``."""
     expected = {
         f"{name}.{file_name}": tuple(getattr(layer, param_name).shape)
-        for name, layer in layers.items()
+        for name, layer in adapted_modules(model).items()
         for param_name, file_name in FILE_KEYS.items()
     }
     problems = [f"missing tensor {k}" for k in sorted(set(expected) - set(state))]
@@ -338,17 +310,13 @@ def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Pat
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
         raise AdapterError(f"{weights}: does not fit this model: {shown}")
+
+
+def _copy_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in adapted_modules(model).items():
             for param_name, file_name in FILE_KEYS.items():
-                param, value = getattr(layer, param_name), state[f"{name}.{file_name}"]
-                if isinstance(param, DTensor):  # FSDP2: each rank keeps its own shard of the whole tensor
-                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-                param.copy_(value)
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in adapter_parameters(model).values())
+                getattr(layer, param_name).copy_(state[f"{name}.{file_name}"])
 
 
 def _uninject(model: nn.Module) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from loramoe import _kernels
+import loramoe._kernels as _kernels
 
 ADAPTER_PREFIX = "loramoe_"
 

@@ -5,7 +5,7 @@ Usage: ``torchrun --nproc_per_node 2 fsdp_train.py OUT_DIR`` (sharded, gloo on t
 of 4 samples: under FSDP rank r takes micro-batch r (FSDP averages the ranks' gradients); the single process
 runs both micro-batches and averages their losses, which is the same computation. Writes ``OUT_DIR/losses.json``
 (the step losses, mean over micro-batches), the adapter after step 2 (``OUT_DIR/step2``), and the final one
-(``OUT_DIR/final``) with ``save_adapter`` called on every rank; then loads ``step2`` back into freshly sharded
+(``OUT_DIR/final``) with ``save_sharded_adapter`` called on every rank; then loads ``step2`` back into freshly sharded
 parameters and writes what every rank holds to ``OUT_DIR/reloaded.rank{r}.json`` (max abs difference).
 """
 
@@ -22,8 +22,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for tiny.py
 
 from loramoe import LoRAMoEConfig, inject  # noqa: E402
-from loramoe.adapter import adapter_state_dict, load_adapter_weights, save_adapter  # noqa: E402
 from loramoe.loss import compute_loss  # noqa: E402
+from loramoe.training.sharded import (  # noqa: E402
+    gathered_adapter_state,
+    load_sharded_adapter_weights,
+    save_sharded_adapter,
+)
 
 from tiny import tiny_model  # noqa: E402
 
@@ -91,18 +95,18 @@ def main(out: Path) -> None:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         losses.append(float(loss))
         if step == 2:
-            save_adapter(model, out / "step2")  # every rank calls; rank 0 writes
-    save_adapter(model, out / "final")
+            save_sharded_adapter(model, out / "step2")  # every rank calls; rank 0 writes
+    save_sharded_adapter(model, out / "final")
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
     if world > 1:
         dist.barrier()  # step2 is on disk before any rank reads it
         fresh = build(device, world)
-        load_adapter_weights(fresh, out / "step2")
+        load_sharded_adapter_weights(fresh, out / "step2")
         from safetensors.torch import load_file
 
         saved = load_file(str(out / "step2" / "adapter_model.safetensors"))
-        held = adapter_state_dict(fresh)  # gathers the shards every rank now holds
+        held = gathered_adapter_state(fresh)  # gathers the shards every rank now holds
         diff = max(float((held[k] - saved[k]).abs().max()) for k in saved)
         (out / f"reloaded.rank{rank}.json").write_text(json.dumps({"max_abs_diff": diff}))
         dist.destroy_process_group()

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from loramoe.errors import LoRAMoEError
 
 # The subcommands, in the order ``loramoe --help`` lists them; each module has ``register(subparsers)``.
-COMMANDS = ("train", "generate", "chat", "serve", "info", "evaluate", "compare", "routing", "demo")
+COMMANDS = ("train", "generate", "chat", "serve", "info", "evaluate", "compare", "routing", "demo", "harness")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from loramoe import __version__
+    from loramoe._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="loramoe", description="LoRAMoE fine-tuning for Hugging Face causal LMs."

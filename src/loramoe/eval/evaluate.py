@@ -261,7 +261,7 @@ def _environment() -> dict[str, str]:
     import torch
     import transformers
 
-    from loramoe import __version__
+    from loramoe._version import __version__
 
     return {
         "loramoe": __version__,

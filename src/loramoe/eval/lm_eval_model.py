@@ -1,22 +1,14 @@
 """The lm-eval model type ``loramoe``: a Hugging Face causal LM with an optional LoRAMoE adapter.
 
 Importing this module registers the type, after which ``lm_eval.simple_evaluate(model="loramoe",
-model_args="pretrained=BASE,adapter=DIR")`` works. lm-eval's command line imports no third-party code (it has no
-plugin entry point, and ``--include_path`` loads tasks, not models), so this module is also the command line::
-
-    python -m loramoe.eval.lm_eval_model run --model loramoe \\
-        --model_args pretrained=smollm2-135m-instruct,adapter=runs/sft/adapter \\
-        --tasks loramoe_knowledge --limit 100 --device cpu --apply_chat_template
-
-It takes every ``lm-eval`` argument, registers the model, and adds ``--include_path`` pointing at this project's
-tasks (data from ``$LORAMOE_DATA_DIR`` or ``../shared/data``) unless one is given. (lm-eval's command line also
-indexes its own ~15,000 task files, about a minute on a busy 2-core machine; ``loramoe eval`` does not.)
+model_args="pretrained=BASE,adapter=DIR")`` works; ``loramoe lm-eval`` (``loramoe.cli.harness``) is lm-eval's own
+command line with the type registered.
 
 Design decisions:
 
 - Subclass ``HFLM`` and hand it an already-built model: loading (alias resolution, dtype) is
   ``loramoe.models.base.load_base``'s job, adapters are read by ``loramoe.models.trained.load_trained`` (loramoe, PEFT LoRA
-  baseline or fully fine-tuned output) or, for a model object, ``loramoe.load_adapter``.
+  baseline or fully fine-tuned output) or, for a model object, ``loramoe.adapter.load_adapter``.
 - lm-eval builds and tokenizes the requests (chat templates, its joint context + continuation encoding) and runs
   generation; the log-likelihood forward pass is the evaluation engine's (``loramoe.eval.engine``), the one the
   demo and the experiments score choices with, so the project has one implementation of it.
@@ -28,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 import torch
@@ -38,7 +29,7 @@ from lm_eval.models.huggingface import HFLM
 from loramoe.errors import ConfigError
 from loramoe.eval.engine import continuation_logprobs
 
-__all__ = ["MODEL_TYPE", "LoRAMoELM", "main"]
+__all__ = ["MODEL_TYPE", "LoRAMoELM"]
 
 MODEL_TYPE = "loramoe"
 
@@ -81,7 +72,7 @@ class LoRAMoELM(HFLM):
         else:
             model = pretrained
             if adapter:
-                from loramoe import load_adapter
+                from loramoe.adapter import load_adapter
 
                 model = load_adapter(model, adapter)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
@@ -168,36 +159,9 @@ def _load_by_name(name: str | None, adapter: str | None, dtype: str) -> tuple[to
 
 
 def _register() -> None:
-    # Guarded so that running this file as __main__ and importing it as a module do not register twice.
+    # Guarded: lm-eval refuses a second registration of a name (a reloaded module).
     if MODEL_TYPE not in model_registry:
         register_model(MODEL_TYPE)(LoRAMoELM)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``loramoe`` model type registered and this project's tasks included.
-
-    Args:
-        argv: Arguments after the program name (default ``sys.argv[1:]``), exactly as ``lm-eval`` takes them.
-    """
-    from lm_eval.__main__ import cli_evaluate
-
-    from loramoe.eval.tasks import task_dir
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    wants_help = not args or args[0] in ("-h", "--help")
-    if not wants_help and not any(a.startswith("--include_path") for a in args):
-        try:
-            args += ["--include_path", str(task_dir())]
-        except ConfigError as e:
-            log.warning("loramoe tasks not included: %s", e)
-    sys.argv = ["lm-eval", *args]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    # The importable module, not this __main__ copy, registers the model type (once).
-    from loramoe.eval.lm_eval_model import main as _main
-
-    _main()
-else:
-    _register()
+_register()

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from loramoe.adapter import load_adapter_weights, save_adapter
 from loramoe.errors import TrainingError
 from loramoe.inject import get_config
 from loramoe.loss import compute_loss
@@ -36,6 +35,7 @@ from loramoe.training.checkpoints import (
     mark_complete,
     rotate_checkpoints,
 )
+from loramoe.training.sharded import load_sharded_adapter_weights, save_sharded_adapter
 from loramoe.training.stats import RouterStatsCallback
 
 
@@ -146,12 +146,14 @@ class LoRAMoETrainer(GuardedTrainer):
         model = self.accelerator.unwrap_model(self.model)
         # Under FSDP and DeepSpeed ZeRO-3 the Trainer passes the state it gathered from the shards.
         name = getattr(model, "name_or_path", None)
-        save_adapter(model, output_dir, base_name_or_path=name, model_state=state_dict)
+        save_sharded_adapter(model, output_dir, base_name_or_path=name, model_state=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        load_sharded_adapter_weights(
+            self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint
+        )
 
 
 def check_parameters_finite(model: nn.Module, step: int) -> None:
