@@ -222,7 +222,7 @@ def gen_configs() -> None:
 
     # --- class: settings that validate but would fail only once training starts -----------------------------
     late = {
-        "late-optimizer-package": ("training.optim", "adamw_bnb_8bit", r"training\.optim:.*bitsandbytes"),
+        "late-optimizer-package": ("training.optim", "schedule_free_adamw", r"training\.optim:.*schedulefree"),
         "late-scheduler-kwargs": ("training.lr_scheduler_kwargs", {"bogus": 1},
                                   r"training\.lr_scheduler_kwargs:.*bogus"),
         "late-report-to-package": ("training.report_to", "wandb", r"training\.report_to:.*wandb"),
