@@ -101,7 +101,7 @@ def test_adapter_config_records_config_base_identity_and_checksum(saved):
 
 def test_save_leaves_no_temporary_files(saved):
     _, path = saved
-    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
 
 
 @pytest.mark.parametrize(

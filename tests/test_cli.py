@@ -50,6 +50,8 @@ def test_train_then_generate_jsonl(base, tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"adapter written to {tmp_path / 'out'}" in out and '"train_loss"' in out
+    card = (tmp_path / "out" / "README.md").read_text()  # the trainer's data summary is on the model card
+    assert "| training examples | 4 (downstream 2, knowledge 2) |" in card
     argv = ["generate", "--adapter", str(tmp_path / "out"), "--prompt", "Say hi.", "--prompt", "Say no."]
     assert main([*argv, "--jsonl", "--max-new-tokens", "3"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -23,15 +23,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from loramoe._version import __version__
+from loramoe.card import write_model_card
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
+from loramoe.hub import adapter_folder
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
 from loramoe.weights import weights_format
 
@@ -88,17 +92,25 @@ def save_adapter(
     *,
     base_name_or_path: str | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    data_summary: Mapping[str, Any] | None = None,
+    results: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the adapter of ``model`` to ``out_dir`` (created if needed), each file atomically.
+    """Write the adapter of ``model`` to ``out_dir`` (created if needed), each file atomically, with a model card.
 
     A model whose parameters a training engine has sharded (FSDP2, DeepSpeed ZeRO-3) is saved with
     ``loramoe.training.sharded.save_sharded_adapter``, which gathers the shards and writes through this function.
+
+    The card is ``README.md`` (``loramoe.card``): Hub front matter, the method, base model, config, the data
+    summary and the evaluation figures when given. A ``README.md`` already in ``out_dir`` that is not a loramoe card
+    is kept, with a warning.
 
     Args:
         model: an adapted model.
         out_dir: destination directory.
         base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
         tensors: the file-format tensors to write, whole (default: ``adapter_state_dict(model)``).
+        data_summary: the training data summary for the card (``DataStats.to_dict()``; the trainer passes it).
+        results: the adapter's evaluation for the card (``loramoe.eval.evaluate.evaluate``'s result).
 
     Returns:
         The directory.
@@ -126,6 +138,7 @@ def save_adapter(
         "weights_sha256": digest,
     }
     atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_model_card(out, data=data_summary, results=results)
     return out
 
 
@@ -206,22 +219,29 @@ def _check_identity(model: nn.Module, saved: dict, path: Path) -> None:
 
 
 def load_adapter(
-    model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    revision: str | None = None,
 ) -> nn.Module:
     """Inject LoRAMoE into ``model`` as saved in ``adapter_dir`` and load the weights (data only, no pickle).
 
     Args:
         model: the base model the adapter was trained on (not yet adapted).
-        adapter_dir: a directory written by ``save_adapter``.
+        adapter_dir: a directory written by ``save_adapter``, or a Hugging Face Hub repository id (``org/name``)
+            holding one, fetched into the Hub cache (an existing directory of that name wins; ``loramoe.hub``).
         is_trainable: keep the adapter trainable (to continue training); otherwise it is frozen too.
+        revision: branch, tag or commit of a Hub repository; default ``main``.
 
     Returns:
         The same model, adapted.
 
     Raises:
-        AdapterError: missing, torn, tampered, pickled or mismatched files; the message says what and where.
+        AdapterError: missing, torn, tampered, pickled or mismatched files, or a Hub repository that cannot be
+            fetched (offline and not cached); the message says what and where.
     """
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = adapter_folder(adapter_dir, revision=revision, files=(CONFIG_NAME, WEIGHTS_NAME))
     weights = adapter_dir / WEIGHTS_NAME
     weights_format(adapter_dir, (WEIGHTS_NAME,), what="adapter")  # a pickle-only adapter is refused, by name
     cfg, meta = read_adapter_config(adapter_dir)

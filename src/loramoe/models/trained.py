@@ -10,6 +10,7 @@ from loramoe.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from loramoe.adapter import load_adapter as _load_adapter
 from loramoe.errors import AdapterError, ConfigError, LoRAMoEError
 from loramoe.files import read_json
+from loramoe.hub import adapter_folder
 from loramoe.models.base import DTYPES, MODEL_SAFETENSORS, load_base
 from loramoe.weights import weights_format
 
@@ -20,15 +21,19 @@ def load_trained(
     base: str | None = None,
     dtype: str = "float32",
     allow_pickle: bool = False,
+    revision: str | None = None,
 ):
     """Load a model for inference: a base alone, a base plus a loramoe or PEFT adapter, or a fully fine-tuned model.
 
     Args:
-        path: a training output directory or adapter directory (None: the base alone).
+        path: a training output directory or adapter directory (None: the base alone), or a Hugging Face Hub
+            repository id (``org/name``) of a loramoe or PEFT adapter, fetched into the Hub cache; an existing
+            directory of that name wins (``loramoe.hub``).
         base: the base model; default: the one recorded in the adapter (``base_model.name_or_path``).
         dtype: as in ``load_base``.
         allow_pickle: read pickle-format weights of the base, a PEFT adapter or a full fine-tuning output (never
             of a loramoe adapter) with ``torch.load(weights_only=True)``; off by default (``loramoe.weights``).
+        revision: branch, tag or commit when ``path`` is a Hub repository id; default ``main``.
 
     Returns:
         ``(model, tokenizer)`` in eval mode.
@@ -38,8 +43,10 @@ def load_trained(
     if path is None:
         if base is None:
             raise ConfigError("give a base model (--model) or an adapter directory (--adapter)")
+        if revision is not None:
+            raise ConfigError("revision applies to an adapter from the Hub; give --adapter with it")
         return load_base(base, dtype=dtype, allow_pickle=allow_pickle)
-    folder = Path(path)
+    folder = adapter_folder(path, revision=revision, files=(CONFIG_NAME, WEIGHTS_NAME))
     if not folder.is_dir():
         raise AdapterError(
             f"{folder}: adapter directory not found; give a training output or adapter directory"

@@ -13,7 +13,9 @@ Design decisions:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,7 @@ def save_sharded_adapter(
     *,
     base_name_or_path: str | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
+    data_summary: Mapping[str, Any] | None = None,
 ) -> Path:
     """``loramoe.adapter.save_adapter`` for a sharded model: call it on every rank; the shards are gathered and
     rank 0 writes. Also right for an unsharded model (then it is ``save_adapter``).
@@ -87,6 +90,7 @@ def save_sharded_adapter(
         out_dir: destination directory.
         base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
         model_state: a full ``state_dict`` gathered by a training engine (see ``gathered_adapter_state``).
+        data_summary: the training data summary for the adapter's model card.
 
     Returns:
         The directory.
@@ -94,7 +98,9 @@ def save_sharded_adapter(
     tensors = gathered_adapter_state(model, model_state)  # gathers on every rank before any rank returns
     if dist.is_initialized() and dist.get_rank() != 0 and is_sharded(model):
         return Path(out_dir)
-    return save_adapter(model, out_dir, base_name_or_path=base_name_or_path, tensors=tensors)
+    return save_adapter(
+        model, out_dir, base_name_or_path=base_name_or_path, tensors=tensors, data_summary=data_summary
+    )
 
 
 def load_sharded_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:

@@ -146,7 +146,14 @@ class LoRAMoETrainer(GuardedTrainer):
         model = self.accelerator.unwrap_model(self.model)
         # Under FSDP and DeepSpeed ZeRO-3 the Trainer passes the state it gathered from the shards.
         name = getattr(model, "name_or_path", None)
-        save_sharded_adapter(model, output_dir, base_name_or_path=name, model_state=state_dict)
+        data = getattr(self, "data_stats", None)  # set by build_trainer; shown on the adapter's model card
+        save_sharded_adapter(
+            model,
+            output_dir,
+            base_name_or_path=name,
+            model_state=state_dict,
+            data_summary=data.to_dict() if data is not None else None,
+        )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
