@@ -21,7 +21,7 @@ import torch
 import uvicorn
 
 from loramoe import LoRAMoEConfig, adapted_modules, inject, save_adapter
-from loramoe.inference.generate import stop_token_ids
+from loramoe.inference.encoding import stop_token_ids
 from loramoe.models.base import load_base
 from loramoe.models.trained import load_trained
 from loramoe.serve.app import build_app

@@ -21,7 +21,7 @@ LAYERS = {
     "core": 0,
     "data": 1,
     "models": 1,
-    "inference": 1,
+    "inference": 1.5,  # running a loaded model: above models and data, below the jobs
     "training": 2,
     "eval": 2,
     "analysis": 2,

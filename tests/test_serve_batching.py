@@ -39,14 +39,14 @@ def test_concurrent_greedy_answers_equal_loramoe_generate(server, adapters, caps
     argv = ["generate", "--adapter", str(adapters["plain"]), "--jsonl", "--max-new-tokens", "16"]
     assert main([*argv, *(arg for p in PROMPTS for arg in ("--prompt", p))]) == 0
     expected = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
-    batches_before = server.state.batcher.batches
+    joins_before = server.state.batcher.joins
     bodies = [
         {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0}
         for p in PROMPTS
     ]
     responses = asyncio.run(_concurrently(server.url, bodies))
     assert [r.json()["choices"][0]["message"]["content"] for r in responses] == expected
-    assert server.state.batcher.batches - batches_before < len(PROMPTS)  # some requests shared a forward
+    assert server.state.batcher.joins - joins_before < len(PROMPTS)  # some requests were prefilled together
     reasons = {r.json()["choices"][0]["finish_reason"] for r in responses}
     assert reasons == {
         "stop",

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loramoe.inference.generate import encode_chat, encode_prompt
+from loramoe.inference.encoding import encode_chat, encode_prompt
 
 from serve_helpers import make_adapters, running, sse_events
 

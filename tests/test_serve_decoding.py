@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from loramoe import LoRAMoEConfig, inject
-from loramoe.inference.generate import encode_chat, stop_token_ids
+from loramoe.inference.encoding import encode_chat
+from loramoe.inference.loop import Request, TokenLoop
+from loramoe.inference.sampling import Sampling
+from loramoe.inference.text import TextStream
 from loramoe.models.trained import load_trained
-from loramoe.serve.decode import TextStream
 
 from serve_helpers import PROMPTS, make_adapters
 from tiny import tiny_model, tiny_tokenizer
@@ -48,15 +50,11 @@ def test_text_stream_deltas_join_to_the_final_text(text, stop, expected):
 
 
 def test_a_cancelled_sequence_leaves_its_batch_and_the_others_finish(adapters):
-    from loramoe.inference.generate import padding_id
-    from loramoe.serve.decode import Decoder, Generation, Sampling
-
     model, tokenizer = load_trained(adapters["endless"])
-    stops = stop_token_ids(model, tokenizer)
-    decoder = Decoder(model, tokenizer, stops, padding_id(tokenizer, stops))
+    loop = TokenLoop(model, tokenizer)
     finished = {}
     gens = [
-        Generation(
+        Request(
             encode_chat(tokenizer, [{"role": "user", "content": prompt}]),
             Sampling(max_tokens=20),
             on_text=lambda text: None,
@@ -65,7 +63,7 @@ def test_a_cancelled_sequence_leaves_its_batch_and_the_others_finish(adapters):
         for i, prompt in enumerate(PROMPTS[:2])
     ]
     gens[0].cancelled = lambda: len(gens[0].ids) >= 3  # its client leaves after three tokens
-    decoder.run(gens)
+    loop.run(gens, batch_size=2)
     assert 0 not in finished and len(gens[0].ids) == 3
     assert finished[1].completion_tokens == 20 and finished[1].reason == "length"
 
@@ -73,26 +71,24 @@ def test_a_cancelled_sequence_leaves_its_batch_and_the_others_finish(adapters):
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "mistral", "gemma3_text", "phi3"])
 def test_batched_decoding_equals_generate_on_each_architecture(model_type):
     """Left padding, the KV cache and rows leaving the batch early, against ``generate`` on the same prompts."""
-    from loramoe.inference.generate import generate, padding_id
-    from loramoe.serve.decode import Decoder, Generation, Sampling
+    from loramoe.inference.generate import generate
 
     model = inject(tiny_model(model_type), LoRAMoEConfig(num_experts=2, rank=2, dropout=0.0))
     tokenizer = tiny_tokenizer()
     expected = generate(model, tokenizer, PROMPTS, max_new_tokens=10, progress=False)
     short = generate(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
-    stops = stop_token_ids(model, tokenizer)
-    decoder = Decoder(model, tokenizer, stops, padding_id(tokenizer, stops))
     got = {}
-    decoder.run(
+    TokenLoop(model, tokenizer).run(
         [
-            Generation(
+            Request(
                 encode_chat(tokenizer, [{"role": "user", "content": prompt}]),
                 Sampling(max_tokens=4 if i % 2 else 10),  # every second row leaves the batch early
                 on_text=lambda text: None,
                 on_finish=lambda f, i=i: got.setdefault(i, f.text),
             )
             for i, prompt in enumerate(PROMPTS)
-        ]
+        ],
+        batch_size=len(PROMPTS),
     )
     assert [got[i] for i in range(len(PROMPTS))] == [
         short[i] if i % 2 else expected[i] for i in range(len(PROMPTS))

@@ -34,9 +34,8 @@ def test_overload_gets_429_and_no_request_is_lost(adapters):
 
         async def load():
             first = asyncio.create_task(client.chat.completions.create(**kwargs))
-            deadline = time.monotonic() + 60
-            while not busy.state.batcher._batch and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)  # the first request is running: the queue's one slot is free
+            # the first request is running: the queue's one slot is free
+            assert await asyncio.to_thread(busy.state.batcher.wait_for, lambda b: b.running == 1, 60)
             rest = await asyncio.gather(
                 *(client.chat.completions.create(**kwargs) for _ in range(7)), return_exceptions=True
             )
@@ -54,18 +53,16 @@ def test_overload_gets_429_and_no_request_is_lost(adapters):
 
 def test_a_stream_whose_client_leaves_is_dropped_from_its_batch(adapters):
     with running(adapters["endless"], max_batch_size=1) as server:
+        batcher = server.state.batcher
         body = {"model": "tiny", "messages": USER, "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
-            next(response.iter_lines())
-            deadline = time.monotonic() + 60
-            while (
-                not server.state.batcher._batch and time.monotonic() < deadline
-            ):  # wait until its batch runs
-                time.sleep(0.01)
-            job = server.state.batcher._batch[0]
-        while server.state.batcher._batch and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert job.cancelled and not job.done  # it left the batch without running to its 400 tokens
+            lines = (line for line in response.iter_lines() if line)
+            next(lines)  # the role chunk
+            assert next(lines).startswith("data: ")  # the first text: the request is decoding
+            steps_at_leave = batcher.steps
+        # the client left: the batch empties long before the 400 tokens' steps
+        assert batcher.wait_for(lambda b: b.running == 0 and not b.loop.active, 60)
+        assert batcher.steps - steps_at_leave < 200
 
 
 def test_a_request_past_its_timeout_gets_504(adapters):

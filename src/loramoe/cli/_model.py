@@ -1,4 +1,4 @@
-"""What the inference subcommands (generate, chat) share: the model flags and loading from them."""
+"""What the inference subcommands (generate, chat) share: the model and sampling flags, and loading from them."""
 
 from __future__ import annotations
 
@@ -38,3 +38,33 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         allow_pickle=args.allow_pickle,
         revision=args.revision,
     )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The decoding flags; a setting left out comes from the model's generation config (``inference.sampling``)."""
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's "
+                   "generation config, else 1)")  # fmt: skip
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus mass (default: generation config, else 1)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="keep the k likeliest tokens (default: config, else all)"
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (greedy too)"
+    )
+    p.add_argument("--stop", action="append", default=[], help="a string that ends an answer (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed of each answer's sampler")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": tuple(args.stop),
+        "seed": args.seed,
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from loramoe.cli._model import add_model_args, load_model
+from loramoe.cli._model import add_model_args, add_sampling_args, load_model, sampling_kwargs
 from loramoe.errors import ConfigError
 
 
@@ -15,11 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="prompts: .txt (one per line) or .jsonl/.json")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 
@@ -34,11 +31,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer,
         prompts,
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
         batch_size=args.batch_size,
-        seed=args.seed,
+        **sampling_kwargs(args),
     )
     for prompt, output in zip(prompts, outputs):
         if args.jsonl:

@@ -4,7 +4,8 @@ The demo and the experiments call :func:`evaluate` on their own item sets; ``lor
 model type (:mod:`loramoe.eval.lm_eval_model`) computes its log-likelihoods with :func:`continuation_logprobs`
 and whose task hooks score answers with the metrics of :mod:`loramoe.eval.metrics`. So each job has one home:
 answer normalisation and metrics in ``metrics``, the log-likelihood forward and the generation-or-choice
-dispatch here, greedy generation in :func:`loramoe.inference.generate.generate`.
+dispatch here, greedy generation in :func:`loramoe.inference.generate.complete` (the token loop that
+``generate``, ``chat`` and ``serve`` share).
 
 Design decisions:
 
@@ -33,7 +34,8 @@ import torch
 
 from loramoe.errors import ConfigError
 from loramoe.eval.metrics import GENERATION_METRICS, mean_interval
-from loramoe.inference.generate import encode_chat, generate
+from loramoe.inference.encoding import encode_chat
+from loramoe.inference.generate import complete
 
 __all__ = ["Task", "TaskResult", "choice_ids", "continuation_logprobs", "evaluate", "predict_choices"]
 
@@ -78,11 +80,13 @@ class TaskResult:
         values: One score per item, in item order.
         predictions: The generated text (generation) or the chosen index (choice) per item.
         seconds: Wall time; pooled generation tasks share their call's time in proportion to their items.
+        token_ids: The generated token ids per item (generation tasks), the end token included.
     """
 
     values: list[float]
     predictions: list[Any]
     seconds: float = 0.0
+    token_ids: list[list[int]] | None = None
     interval: dict[str, float | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,9 +138,9 @@ def evaluate(
             preds = predict_choices(
                 model, tokenizer, sets[group[0]], task.chat_template, batch_size=batch_size
             )
-            outputs = {group[0]: preds}
+            outputs, ids = {group[0]: preds}, {}
         else:
-            outputs = _generate_group(
+            outputs, ids = _generate_group(
                 model, tokenizer, {n: sets[n] for n in group}, task, batch_size, progress
             )
         seconds = time.perf_counter() - start
@@ -147,7 +151,8 @@ def evaluate(
                 float(p == it["gold"]) if metric is None else metric(p, it["golds"])
                 for p, it in zip(outputs[name], sets[name], strict=True)
             ]
-            results[name] = TaskResult(values, outputs[name], seconds * len(sets[name]) / total)
+            share = seconds * len(sets[name]) / total
+            results[name] = TaskResult(values, outputs[name], share, token_ids=ids.get(name))
     return {name: results[name] for name in sets}
 
 
@@ -170,14 +175,16 @@ def _schedule(sets: dict[str, list[Item]], tasks: dict[str, Task], pool: bool) -
 
 def _generate_group(
     model: Any, tokenizer: Any, sets: dict[str, list[Item]], task: Task, batch_size: int, progress: bool
-) -> dict[str, list[str]]:
+) -> tuple[dict[str, list[str]], dict[str, list[list[int]]]]:
+    """Per set: the generated texts and their token ids."""
     prompts = [it["prompt"] for items in sets.values() for it in items]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                     chat_template=task.chat_template, progress=progress)  # fmt: skip
-    out, start = {}, 0
+    done = complete(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                    chat_template=task.chat_template, progress=progress)  # fmt: skip
+    texts, ids, start = {}, {}, 0
     for name, items in sets.items():
-        out[name], start = texts[start : start + len(items)], start + len(items)
-    return out
+        part, start = done[start : start + len(items)], start + len(items)
+        texts[name], ids[name] = [c.text for c in part], [c.token_ids for c in part]
+    return texts, ids
 
 
 def choice_ids(

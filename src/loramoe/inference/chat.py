@@ -3,26 +3,14 @@ model's context, each reply generated (and optionally streamed) from the whole c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import TextStreamer
-
 from loramoe.errors import ConfigError
-from loramoe.inference.generate import (
-    Message,
-    check_sampling,
-    check_text,
-    context_length,
-    decode_new,
-    encode_chat,
-    generation_kwargs,
-    inference_context,
-    model_device,
-    padding_id,
-    stop_token_ids,
-)
+from loramoe.inference.encoding import Message, check_text, encode_chat
+from loramoe.inference.loop import Completion, Request, TokenLoop
+from loramoe.inference.sampling import Sampling, sampling_for
+from loramoe.models.base import context_length
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,13 +22,17 @@ def chat_loop(
     *,
     max_new_tokens: int = 256,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: Sequence[str] = (),
     system_prompt: str | None = None,
     seed: int | None = None,
     stream: bool | None = None,
     input_fn: Callable[[str], str] = input,
     print_fn: Callable[..., Any] = print,
+    on_reply: Callable[[Completion], None] | None = None,
 ) -> list[Message]:
     """Chat with the model, keeping the conversation as chat-template messages.
 
@@ -52,14 +44,15 @@ def chat_loop(
         tokenizer: Its tokenizer; it must have a chat template.
         max_new_tokens: Most tokens per reply.
         do_sample: Sample instead of greedy decoding.
-        temperature: Sampling temperature (> 0); only used when sampling.
-        top_p: Nucleus sampling mass in (0, 1]; only used when sampling.
+        temperature, top_p, top_k, repetition_penalty, stop: as for ``inference.generate.complete`` (unset ones
+            come from the model's generation config).
         system_prompt: A system message at the start of every conversation.
-        seed: Seed for sampling; the global RNG state is restored afterwards.
+        seed: Seed of every reply's sampler (each reply its own stream, as a server request with that seed).
         stream: Print replies token by token through ``print_fn`` (which must then accept ``print``'s ``end`` and
             ``flush`` keywords); ``None`` streams only when ``print_fn`` is ``print``.
         input_fn: Reads a user line given a prompt string, like ``input``; raising ``EOFError`` ends the chat.
         print_fn: Shows output, like ``print``.
+        on_reply: Called with each reply's ``Completion`` (text, token ids, finish reason).
 
     Returns:
         The conversation's messages when the chat ended (since the last ``/reset``).
@@ -67,19 +60,16 @@ def chat_loop(
     Raises:
         ConfigError: A bad setting or a tokenizer without a chat template.
     """
-    check_sampling(max_new_tokens, do_sample, temperature, top_p)
+    sampling = sampling_for(model, max_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=tuple(stop),
+                            seed=seed)  # fmt: skip
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("chat needs a tokenizer with a chat template")
-    stop_ids = stop_token_ids(model, tokenizer)
-    gen_kwargs = generation_kwargs(
-        max_new_tokens, do_sample, temperature, top_p, stop_ids, padding_id(tokenizer, stop_ids)
-    )
     stream = print_fn is print if stream is None else stream
-    chat = _Conversation(model, tokenizer, system_prompt, gen_kwargs, stop_ids, stream, print_fn)
+    chat = _Conversation(TokenLoop(model, tokenizer), system_prompt, sampling, stream, print_fn, on_reply)
 
     print_fn("Chat with the model. /reset clears the history; /exit or Ctrl-D quits.")
-    with inference_context(model, seed):
-        chat.run(input_fn)
+    chat.run(input_fn)
     return chat.messages
 
 
@@ -88,20 +78,19 @@ class _Conversation:
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        loop: TokenLoop,
         system_prompt: str | None,
-        gen_kwargs: dict[str, Any],
-        stop_ids: list[int],
+        sampling: Sampling,
         stream: bool,
         print_fn: Callable[..., Any],
+        on_reply: Callable[[Completion], None] | None,
     ) -> None:
-        self.model, self.tokenizer, self.gen_kwargs, self.stop_ids = model, tokenizer, gen_kwargs, stop_ids
-        self.stream, self.print_fn = stream, print_fn
+        self.loop, self.tokenizer, self.sampling = loop, loop.tokenizer, sampling
+        self.stream, self.print_fn, self.on_reply = stream, print_fn, on_reply
         system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         self.base: list[Message] = system
         self.messages = list(self.base)
-        self.max_positions = context_length(model)
+        self.max_positions = context_length(loop.model)
 
     def run(self, input_fn: Callable[[str], str]) -> None:
         """Read lines and answer them until ``/exit`` or the end of input; ``/reset`` clears the history."""
@@ -133,22 +122,19 @@ class _Conversation:
         ids = self._fit()
         if ids is None:
             return
-        input_ids = torch.tensor([ids], device=model_device(self.model))  # (1, T)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=_PrintFnStreamer(self.tokenizer, self.print_fn) if self.stream else None,
-            **self.gen_kwargs,
-        )
-        reply = decode_new(self.tokenizer, out[0, input_ids.shape[1] :], self.stop_ids)
-        if not self.stream:
-            self.print_fn(reply)
-        self.messages.append({"role": "assistant", "content": reply})
+        done: list[Completion] = []
+        on_text = (lambda delta: self.print_fn(delta, end="", flush=True)) if self.stream else None
+        self.loop.run([Request(ids, self.sampling, on_finish=done.append, on_text=on_text)], batch_size=1)
+        reply = done[0]
+        self.print_fn("" if self.stream else reply.text)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        self.messages.append({"role": "assistant", "content": reply.text})
 
     def _fit(self) -> list[int] | None:
         """The conversation's token ids, after dropping the oldest turns until it and a reply fit the context;
         None (and the new message removed) when the new message alone does not fit."""
-        new, limit = self.gen_kwargs["max_new_tokens"], self.max_positions
+        new, limit = self.sampling.max_tokens, self.max_positions
         ids = encode_chat(self.tokenizer, self.messages)
         dropped = 0
         while limit and len(ids) + new > limit and len(self.messages) - len(self.base) > 1:
@@ -162,14 +148,3 @@ class _Conversation:
             self.print_fn(f"(message too long: {len(ids)} tokens + {new} new > {limit}; not sent)")
             return None
         return ids
-
-
-class _PrintFnStreamer(TextStreamer):
-    """``TextStreamer`` that prints through an injected ``print_fn`` instead of the builtin."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, print_fn: Callable[..., Any]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._print_fn = print_fn
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self._print_fn(text, end="\n" if stream_end else "", flush=True)

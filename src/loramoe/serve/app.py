@@ -35,10 +35,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loramoe.inference.generate import context_length, encode_chat, encode_prompt, padding_id, stop_token_ids
+from loramoe.inference.encoding import encode_chat, encode_prompt
+from loramoe.inference.loop import Completion, TokenLoop
+from loramoe.models.base import context_length
 from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown
 from loramoe.serve.config import ServeConfig
-from loramoe.serve.decode import Decoder, Finish
 from loramoe.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, parse, sampling
 
 if TYPE_CHECKING:
@@ -54,10 +55,9 @@ class ServerState:
         self.config, self.tokenizer = config, tokenizer
         self.model_name = config.model_name or _name_of(model)
         self.context = context_length(model)
-        stops = stop_token_ids(model, tokenizer)
-        self.decoder = Decoder(model.eval(), tokenizer, stops, padding_id(tokenizer, stops))
+        self.loop = TokenLoop(model.eval(), tokenizer)
         self.batcher = Batcher(
-            self.decoder,
+            self.loop,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.batch_wait_ms / 1000,
             max_queue=config.max_queue,
@@ -219,7 +219,7 @@ async def _generate(
 ) -> Response:
     if not prompt_ids:
         raise APIError(400, "the prompt has no tokens", param=param)
-    if req.router_stats and not state.decoder.has_router:
+    if req.router_stats and state.loop.router is None:
         raise APIError(
             400, "router_stats needs a LoRAMoE model; this one has no LoRAMoE layers", param="router_stats"
         )
@@ -233,8 +233,11 @@ async def _generate(
         max_prompt_tokens=config.max_prompt_tokens,
         max_tokens=config.max_tokens,
         context=state.context,
+        model=state.loop.model,
     )
-    job = Job(prompt_ids, settings, req.router_stats, loop=asyncio.get_running_loop())
+    job = Job(
+        prompt_ids, settings, req.router_stats, loop=asyncio.get_running_loop(), stream=bool(req.stream)
+    )
     try:
         state.batcher.submit(job)
     except Overloaded as err:
@@ -245,7 +248,7 @@ async def _generate(
         raise APIError(
             503, "the server is shutting down", type="server_error", code="shutting_down"
         ) from None
-    reply = Reply(kind, state.model_name)
+    reply = Reply(kind, state.model_name, token_ids=req.return_token_ids)
     deadline = job.arrived + config.timeout
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -257,19 +260,19 @@ async def _generate(
     try:
         async for event in _events(job, deadline):
             if isinstance(event, Failed):
-                raise APIError(500, event.message, type="server_error")
-            if isinstance(event, Finish):
+                raise APIError(event.status, event.message, type=_error_type(event.status))
+            if isinstance(event, Completion):
                 return JSONResponse(reply.full(event))
     except TimeoutError:
         raise APIError(504, f"the request took over {config.timeout:g} s", type="timeout_error") from None
     finally:
         # A no-op once the job finished; frees its place when the client left or timed out.
         state.batcher.cancel(job)
-    raise AssertionError("the event stream ended without a Finish")
+    raise AssertionError("the event stream ended without a Completion")
 
 
-async def _events(job: Job, deadline: float) -> AsyncIterator[str | Finish | Failed]:
-    """The job's events until its ``Finish`` or ``Failed``; ``TimeoutError`` at the deadline."""
+async def _events(job: Job, deadline: float) -> AsyncIterator[str | Completion | Failed]:
+    """The job's events until its ``Completion`` or ``Failed``; ``TimeoutError`` at the deadline."""
     while True:
         event = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
         yield event
@@ -287,19 +290,23 @@ async def _sse(
         async for event in _events(job, deadline):
             if isinstance(event, str):
                 yield _data(reply.chunk(event))
-            elif isinstance(event, Finish):
+            elif isinstance(event, Completion):
                 yield _data(reply.last_chunk(event))
                 if include_usage:
                     yield _data(reply.usage_chunk(event))
                 yield "data: [DONE]\n\n"
             else:
-                yield _data(APIError(500, event.message, type="server_error").body())
+                yield _data(APIError(event.status, event.message, type=_error_type(event.status)).body())
     except TimeoutError:
         yield _data(
             APIError(504, f"the request took over {state.config.timeout:g} s", type="timeout_error").body()
         )
     finally:
         state.batcher.cancel(job)
+
+
+def _error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def _data(body: dict[str, Any]) -> str:

@@ -1,17 +1,20 @@
-"""The queue in front of the model: requests wait here, are gathered into batches and decoded on one worker thread.
+"""The queue in front of the model: requests wait here and join the running batch on one worker thread.
 
 Design decisions:
 
 - One worker thread owns the model; the event loop never runs a forward, so it keeps answering health checks,
-  429s and other clients while a batch decodes.
-- A batch is gathered when the worker is free: it takes what is waiting, and if that is less than a full batch it
-  waits up to ``max_wait_s`` from the first request's arrival for more. Requests that arrive while a batch decodes
-  wait for the next batch (no joining mid-batch: the KV cache rows of a batch share one length).
+  429s and other clients while the batch decodes.
+- Continuous batching: between two decoding steps the worker adds the waiting requests to the running batch (up to
+  ``max_batch_size`` rows), prefilling their prompts; a request that is done leaves at once and is answered. When
+  the worker is idle, a new batch waits up to ``max_wait_s`` from its first request's arrival for more, so that
+  requests arriving together are prefilled together.
 - Admission is decided on the event loop at submit time: beyond ``max_queue`` waiting requests the caller gets
   ``Overloaded`` (an HTTP 429), never an unbounded queue.
 - Results travel back through each request's ``asyncio.Queue``, filled from the worker with
-  ``call_soon_threadsafe``; a request whose client left or timed out is marked cancelled and leaves its batch at
-  the next step.
+  ``call_soon_threadsafe``; ``cancel`` (a client that left or timed out) removes a request from the queue, or from
+  the batch at the next step.
+- ``wait_for`` lets a caller (a test, a health probe) wait on the batcher's state without reading its internals:
+  every change of the queue or the batch wakes it.
 - ``close`` lets the worker finish everything admitted before it exits (graceful shutdown).
 """
 
@@ -23,10 +26,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loramoe.serve.decode import Decoder, Finish, Generation, Sampling
+from loramoe.inference.loop import Completion, Request, TokenLoop
+from loramoe.inference.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -41,75 +45,71 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Failed:
-    """The batch a request was in failed; ``message`` says why."""
+    """The request failed; ``message`` says why, ``status`` is 400 for its own settings and 500 otherwise."""
 
     message: str
+    status: int = 500
 
 
 @dataclass(eq=False)  # identity, not field equality: two identical requests are two jobs
 class Job:
-    """One admitted request: what to generate and the queue its events arrive on (text deltas, then a ``Finish``
-    or ``Failed``)."""
+    """One admitted request: what to generate and the queue its events arrive on (text deltas when ``stream``,
+    then a ``Completion`` or ``Failed``)."""
 
     prompt_ids: list[int]
     sampling: Sampling
     router_stats: bool
     loop: asyncio.AbstractEventLoop
+    stream: bool = True
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    done: bool = False  # its Finish or Failed was sent
+    done: bool = False  # its Completion or Failed was sent
 
-    def send(self, event: str | Finish | Failed) -> None:
+    def send(self, event: str | Completion | Failed) -> None:
         """Called on the worker thread."""
         self.done = self.done or not isinstance(event, str)
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    async def stream(self) -> AsyncIterator[str | Finish | Failed]:
-        """The events in order, ending with the ``Finish`` or ``Failed``."""
-        while True:
-            event = await self.events.get()
-            yield event
-            if not isinstance(event, str):
-                return
-
-    def generation(self) -> Generation:
-        return Generation(
+    def request(self) -> Request:
+        return Request(
             self.prompt_ids,
             self.sampling,
-            on_text=self.send,
             on_finish=self.send,
+            on_text=self.send if self.stream else None,
+            on_error=lambda err: self.send(Failed(str(err), err.status)),
             router_stats=self.router_stats,
             cancelled=lambda: self.cancelled,
         )
 
 
 class Batcher:
-    """Admits requests and decodes them in batches on a worker thread.
+    """Admits requests and decodes them, continuously batched, on a worker thread.
 
     Args:
-        decoder: runs a batch on the model.
+        loop: the token loop that decodes on the model.
         max_batch_size: most requests decoded together (one forward serves them all).
-        max_wait_s: how long a batch that is not full waits for more requests after the first arrived.
-        max_queue: most requests waiting for a batch; more are refused with ``Overloaded``.
+        max_wait_s: how long an idle worker waits for more requests after the first arrived.
+        max_queue: most requests waiting to join the batch; more are refused with ``Overloaded``.
     """
 
-    def __init__(self, decoder: Decoder, *, max_batch_size: int, max_wait_s: float, max_queue: int):
-        self.decoder = decoder
+    def __init__(self, loop: TokenLoop, *, max_batch_size: int, max_wait_s: float, max_queue: int):
+        self.loop = loop
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._batch: list[Job] = []  # the batch being decoded
-        self.batches = 0  # batches decoded so far
+        self._jobs: dict[int, Job] = {}  # id(request) -> job, for the batch being decoded
+        self.steps = 0  # decoding steps (forwards of the running batch) so far
+        self.joins = 0  # times requests joined the batch (prefills) so far
         self._thread = threading.Thread(target=self._work, name="loramoe-serve-decoder", daemon=True)
         self._thread.start()
 
     @property
     def running(self) -> int:
-        """Requests of the batch being decoded that are not answered yet."""
-        return sum(not (job.done or job.cancelled) for job in self._batch)
+        """Requests in the batch that are not answered yet."""
+        return sum(not (job.done or job.cancelled) for job in list(self._jobs.values()))
 
     @property
     def waiting(self) -> int:
@@ -128,55 +128,83 @@ class Batcher:
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} requests are already waiting; retry later")
             self._waiting.append(job)
-            self._wake.notify()
+            self._wake.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """Give up on a request (its client left or timed out): it leaves the queue, or its batch at the next step."""
+        """Give up on a request (its client left or timed out): it leaves the queue, or its batch at the next step.
+
+        A no-op for a request already answered. Safe to call from any thread.
+        """
         with self._wake:
             job.cancelled = True
             if job in self._waiting:
                 self._waiting.remove(job)
+            self._wake.notify_all()
+
+    def wait_for(self, condition: Callable[[Batcher], bool], timeout: float) -> bool:
+        """Block until ``condition(self)`` holds (checked at every change of the queue or the batch) or ``timeout``
+        seconds pass; returns whether it held."""
+        with self._wake:
+            return self._wake.wait_for(lambda: condition(self), timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let the worker finish the admitted ones, and wait up to ``timeout`` s for it."""
         with self._wake:
             self._closing = True
-            self._wake.notify()
+            self._wake.notify_all()
         self._thread.join(timeout)
 
     def _work(self) -> None:
-        while True:
-            batch = self._gather()
-            if batch is None:
-                return
-            self._batch = batch
-            try:
-                self.decoder.run([job.generation() for job in batch])
-            except Exception as err:  # a failed batch answers its requests; the server keeps serving
-                logger.exception("decoding a batch of %d failed", len(batch))
-                for job in (job for job in batch if not job.done):
-                    job.send(Failed(f"generation failed: {type(err).__name__}: {err}"))
-            finally:
-                self._batch = []
-                self.batches += 1
-
-    def _gather(self) -> list[Job] | None:
-        """The next batch, or ``None`` once closing and nothing is left."""
-        with self._wake:
+        with self.loop.session():
             while True:
-                if self._waiting:
-                    deadline = self._waiting[0].arrived + self.max_wait_s
-                    while len(self._waiting) < self.max_batch_size and not self._closing:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._wake.wait(remaining)
-                    batch = [
-                        self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))
-                    ]
-                    if batch:
-                        return batch
-                elif self._closing:
-                    return None
-                else:
+                joining = self._take()
+                if joining is None:
+                    return
+                if joining:
+                    self._decode(self.loop.add, joining)
+                    self.joins += 1
+                if self.loop.active:
+                    self._decode(self.loop.step)
+                    self.steps += 1
+                self._forget_finished()
+
+    def _decode(self, run: Callable, joining: list[Job] | None = None) -> None:
+        """One prefill (``joining``) or step; a failed forward fails the requests it ran and the server carries on."""
+        requests = [job.request() for job in joining] if joining else []
+        with self._wake:
+            self._jobs.update({id(r): job for r, job in zip(requests, joining or [])})
+        try:
+            run(requests) if joining else run()
+        except Exception as err:  # a failed forward answers its requests; the server keeps serving
+            logger.exception("decoding failed")
+            failed = requests if joining else list(self.loop.active)
+            if not joining:
+                self.loop.fail_all(err)
+            for r in failed:
+                job = self._jobs.get(id(r))
+                if job is not None and not job.done:
+                    job.send(Failed(f"generation failed: {type(err).__name__}: {err}"))
+
+    def _forget_finished(self) -> None:
+        with self._wake:
+            active = {id(r) for r in self.loop.active}
+            self._jobs = {key: job for key, job in self._jobs.items() if key in active}
+            self._wake.notify_all()
+
+    def _take(self) -> list[Job] | None:
+        """The requests to add before the next step (none when the batch is full); ``None`` once closing with
+        nothing left. An idle worker blocks until a request arrives, then waits up to ``max_wait_s`` for more."""
+        with self._wake:
+            room = self.max_batch_size - len(self.loop.active)
+            if not self.loop.active:
+                while not self._waiting:
+                    if self._closing:
+                        return None
                     self._wake.wait()
+                deadline = self._waiting[0].arrived + self.max_wait_s
+                while len(self._waiting) < room and not self._closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._waiting:
+                        break
+                    self._wake.wait(remaining)
+            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]

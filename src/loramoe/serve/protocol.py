@@ -19,10 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loramoe.serve.decode import Finish, Sampling
+from loramoe.errors import ConfigError
+from loramoe.inference.loop import Completion
+from loramoe.inference.sampling import Sampling, sampling_for
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless the request asks for temperature 0
 # OpenAI parameters this server does not implement; refused unless absent or null.
 UNSUPPORTED = (
     "tools",
@@ -106,6 +107,10 @@ class _Request(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     router_stats: bool = False  # extension: mass on each expert group, for the prompt and the completion
+    # Extensions (vLLM's names): sampling settings OpenAI lacks, and the generated token ids in the response.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    return_token_ids: bool = False
 
 
 class ChatRequest(_Request):
@@ -213,6 +218,7 @@ def sampling(
     max_prompt_tokens: int,
     max_tokens: int,
     context: int | None,
+    model: Any = None,
 ) -> Sampling:
     """The decoding settings of a request, checked against the server's limits and the model's context.
 
@@ -223,9 +229,10 @@ def sampling(
         max_prompt_tokens: the server's prompt limit.
         max_tokens: the server's output limit (also the default when the request names none).
         context: the model's context length, if known.
+        model: the served model, whose generation config gives the settings a request leaves out.
 
     Raises:
-        APIError: 400 for a prompt or output over a limit, or a bad stop list.
+        APIError: 400 for a prompt or output over a limit, a bad stop list, or a value decoding cannot use.
     """
     if prompt_tokens > max_prompt_tokens:
         raise APIError(
@@ -255,20 +262,29 @@ def sampling(
         )
     if any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
-    return Sampling(
-        max_tokens=asked if asked is not None else min(max_tokens, room),
-        temperature=req.temperature if req.temperature is not None else DEFAULT_TEMPERATURE,
-        top_p=req.top_p if req.top_p is not None else 1.0,
-        stop=stop,
-        seed=req.seed,
-    )
+    try:
+        return sampling_for(
+            model,
+            max_tokens=asked if asked is not None else min(max_tokens, room),
+            do_sample=req.temperature
+            != 0,  # absent: OpenAI samples, at the generation config's temperature or 1
+            temperature=req.temperature or None,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            stop=stop,
+            seed=req.seed,
+        )
+    except ConfigError as err:  # a value the decoder cannot use (a seed past 2**64, a float32 underflow...)
+        field = str(err).split(" ", 1)[0]
+        raise APIError(400, str(err), param=field if field in type(req).model_fields else None) from None
 
 
 class Reply:
     """Builds the response bodies of one request: the full response, or its stream of chunks."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: Literal["chat", "text"], model: str, *, token_ids: bool = False):
+        self.kind, self.model, self.token_ids = kind, model, token_ids
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -297,26 +313,32 @@ class Reply:
         choice["finish_reason"] = finish_reason
         return choice
 
-    def full(self, finish: Finish) -> dict[str, Any]:
+    def full(self, finish: Completion) -> dict[str, Any]:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         body = self._envelope(obj, [self._choice(finish.text, finish.reason, delta=False)])
+        self._add_token_ids(body, finish)
         body["usage"] = usage(finish)
         if finish.router_stats is not None:
             body["router_stats"] = finish.router_stats
         return body
+
+    def _add_token_ids(self, body: dict[str, Any], finish: Completion) -> None:
+        if self.token_ids:  # every generated id, the end token included (the stream sends them at the end)
+            body["choices"][0]["token_ids"] = finish.token_ids
 
     def chunk(self, text: str | None, *, first: bool = False) -> dict[str, Any]:
         return self._envelope(self._chunk_object(), [self._choice(text, None, delta=True, role=first)])
 
-    def last_chunk(self, finish: Finish) -> dict[str, Any]:
+    def last_chunk(self, finish: Completion) -> dict[str, Any]:
         """The chunk with the finish reason; it also carries the usage (and router statistics if asked for)."""
         body = self._envelope(self._chunk_object(), [self._choice(None, finish.reason, delta=True)])
+        self._add_token_ids(body, finish)
         body["usage"] = usage(finish)
         if finish.router_stats is not None:
             body["router_stats"] = finish.router_stats
         return body
 
-    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
+    def usage_chunk(self, finish: Completion) -> dict[str, Any]:
         """OpenAI's ``stream_options.include_usage`` chunk: no choices, the usage."""
         return self._envelope(self._chunk_object(), []) | {"usage": usage(finish)}
 
@@ -324,7 +346,7 @@ class Reply:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
 
-def usage(finish: Finish) -> dict[str, int]:
+def usage(finish: Completion) -> dict[str, int]:
     """Token counts; ``completion_tokens`` counts every generated token, the end token included."""
     return {
         "prompt_tokens": finish.prompt_tokens,

@@ -28,8 +28,8 @@ from torch import nn
 
 from loramoe.errors import ConfigError
 from loramoe.files import atomic_write_text
-from loramoe.inference.generate import context_length
 from loramoe.inject import inject, summary
+from loramoe.models.base import context_length
 from loramoe.training.baselines import BaselineTrainer, unfreeze, wrap_lora
 from loramoe.training.checkpoints import (
     check_output_dir,
