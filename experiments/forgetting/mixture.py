@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 from evaluator import DOWNSTREAM
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = (REPO / ".." / "shared" / "data").resolve()
+# the local copies of the public data sets (each folder's SOURCE.md names its origin); launch.sh sets it
+DATA = Path(os.environ.get("LORAMOE_DATA_DIR") or REPO / ".." / "shared" / "data").resolve()
 PASSAGE_CHARS = 300  # BoolQ passages, AG News and XSum articles cut to this (train and eval alike)
 
 

@@ -1,7 +1,7 @@
 """Tables and figures of the forgetting experiment from ``runs/forgetting/*/eval.json``.
 
 ``python experiments/forgetting/run.py --report`` rewrites the block between the ``tables:begin`` / ``tables:end``
-markers of ``docs/results.md`` and the figures ``docs/figures/forgetting_*.png``; the prose around the block is
+markers of ``experiments/forgetting/RESULTS.md`` and the figures ``docs/figures/forgetting_*.png``; the prose around the block is
 written by hand.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from evaluator import DOWNSTREAM, KNOWLEDGE  # experiments/forgetting/evaluator.py
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "results.md"
+DOC = REPO / "experiments" / "forgetting" / "RESULTS.md"
 FIG = REPO / "docs" / "figures"
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 

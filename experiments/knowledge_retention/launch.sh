@@ -3,7 +3,8 @@
 # (outputs/knowledge_retention.log by default; a second driver beside the first needs its own --out, and a
 # group-switch item runs in the --out that holds its trained model). It runs a snapshot of the committed code (git
 # archive of HEAD under /tmp), so rebasing or editing the worktree cannot change what a running driver imports
-# later. Extra arguments go to run.py.
+# later. The data sets are read from $LORAMOE_DATA_DIR (default: ../shared/data beside the repository, where this
+# project's machines keep their local copies). Extra arguments go to run.py.
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 sha=$(git -C "$repo" rev-parse --short HEAD)
@@ -11,8 +12,9 @@ snap=/tmp/knowledge-retention-snapshot/$sha
 if [ ! -d "$snap/repo" ]; then
     mkdir -p "$snap/repo"
     git -C "$repo" archive HEAD | tar -x -C "$snap/repo"
-    ln -sfn "$(realpath "$repo/../shared")" "$snap/shared"  # the data sets, where the code looks for them
 fi
+data=${LORAMOE_DATA_DIR:-$(realpath -m "$repo/../shared/data")}
+[ -d "$data" ] || { echo "no data directory $data: set LORAMOE_DATA_DIR to the local copies of the data sets" >&2; exit 2; }
 py=${PYTHON:-$repo/.venv/bin/python}
 [ -x "$py" ] || py=/work/main/.venv/bin/python
 out=$repo/outputs/knowledge_retention
@@ -22,7 +24,7 @@ for arg in "$@"; do  # run.py takes the last --out given
     prev=$arg
 done
 mkdir -p "$(dirname "$out")"
-PYTHONPATH="$snap/repo/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
+LORAMOE_DATA_DIR="$data" PYTHONPATH="$snap/repo/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 \
     nohup nice -n 10 "$py" "$snap/repo/experiments/knowledge_retention/run.py" --threads 1 \
     --out "$out" --results "$repo/experiments/knowledge_retention/results" "$@" >> "$out.log" 2>&1 &
 echo "driver pid $! (code $sha); log: $out.log"

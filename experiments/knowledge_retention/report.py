@@ -82,7 +82,7 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
     """One row per finished run: its CBQA (pooled and per suite), retention vs its knowledge-only run, downstream."""
     rows = []
     for name, rec in res.items():
-        if rec.get("item") != name or name == "base" or "__" in name:
+        if rec.get("item") != name or name == "base" or "__" in name or name.startswith("pilot_"):
             continue
         method, size, suffix = parse_run(name)
         ref = res.get(f"{method}_d0{suffix}") or res.get(f"{method}_d0")
@@ -103,6 +103,8 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
 
 
 def tables(res: dict[str, dict]) -> str:
+    from report_pilots import pilot_table  # report_pilots.py imports this module
+
     rows = run_rows(res)
     lines = []
     todo = [item_key(i) for i in queue() if item_key(i) not in res]
@@ -155,6 +157,8 @@ def tables(res: dict[str, dict]) -> str:
     lines += [
         "",
         *head_to_head(res, rows),
+        "",
+        *pilot_table(res),
         "",
         *group_off_table(res),
         "",

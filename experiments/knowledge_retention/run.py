@@ -36,8 +36,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
+from pilots import BY_NAME, PILOTS, do_pilot, pilot_steps  # noqa: E402
 from scoring import routing_masses, score_sets  # noqa: E402  (experiments/knowledge_retention/scoring.py)
-from sets import evaluation_sets, fingerprint, sft_sources  # noqa: E402
+from sets import evaluation_sets, sft_sources  # noqa: E402
+from steps import eval_record, since, train_once, train_summary, write_json  # noqa: E402
 
 OUT = REPO / "outputs" / "knowledge_retention"
 RESULTS = HERE / "results"
@@ -78,9 +80,13 @@ def run_name(method: str, size: int, suffix: str = "") -> str:
 
 def queue() -> list[tuple[str, ...]]:
     """The queue, most informative first: ("run", name) trains and evaluates; ("off", name, group) evaluates a
-    finished LoRAMoE run with an expert group switched off; ("base",) evaluates the base model."""
+    finished LoRAMoE run with an expert group switched off; ("pilot", name) trains and scores a LoRA pilot
+    (``pilots.py``); ("base",) evaluates the base model.
+
+    The order: the comparison the first sessions ran (LoRA, LoRAMoE + LBC, top-2 at 0 and 4,000, their groups
+    switched off); full fine-tuning, the positive control; the pilots that look for a setting where LoRA forgets;
+    the second seed of the 4,000 runs every conclusion rests on; then the rest of the original plan."""
     first = ["lora", "loramoe_lbc", "loramoe_top2"]
-    rest = ["full", "loramoe_nolbc"]
     items: list[tuple[str, ...]] = [("base",)]
 
     def runs(methods, size, suffix=""):
@@ -95,13 +101,17 @@ def queue() -> list[tuple[str, ...]]:
     runs(first, 0)
     runs(first, 4000)
     offs(first, 4000)
-    runs(rest, 0)
-    runs(rest, 4000)
-    offs(rest, 4000)
-    runs(first + rest, 1000)
-    runs(first + rest, 4000, "_s2")
-    offs(first + rest, 0)
-    offs(first + rest, 1000)
+    runs(["full"], 0)
+    runs(["full"], 4000)
+    items.extend(("pilot", p.name) for p in PILOTS)
+    runs(first, 4000, "_s2")
+    runs(["loramoe_nolbc"], 0)
+    runs(["loramoe_nolbc"], 4000)
+    offs(["loramoe_nolbc"], 4000)
+    runs([*first, "full", "loramoe_nolbc"], 1000)
+    runs(["full", "loramoe_nolbc"], 4000, "_s2")
+    offs(list(METHODS), 0)
+    offs(list(METHODS), 1000)
     return items
 
 
@@ -113,6 +123,8 @@ def parse_run(name: str) -> tuple[str, int, str]:
 
 
 def item_key(item: tuple[str, ...]) -> str:
+    if item[0] == "pilot":
+        return f"pilot_{item[1]}"
     return "base" if item[0] == "base" else item[1] if item[0] == "run" else f"{item[1]}__{item[2]}_off"
 
 
@@ -123,13 +135,6 @@ def steps_of(name: str, smoke: bool = False) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def run_config(name: str, out: Path, smoke: bool) -> dict:
@@ -151,64 +156,22 @@ def run_config(name: str, out: Path, smoke: bool) -> dict:
     return cfg
 
 
-def eval_record(sets: dict[str, list[dict]], scores: dict[str, Any]) -> dict[str, Any]:
-    return {"scores": scores, "sets": {s: fingerprint(sets[s]) for s in scores}}
-
-
-def train_summary(run_dir: Path, seconds: dict | None) -> dict[str, Any]:
-    """Steps, wall and CPU seconds (of this process; one thread) per step, the loss curve, the last routing log."""
-    state = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    logs = state["log_history"]
-    steps = state.get("global_step")
-    keep = ("loss", "lm_loss", "lbc_loss")
-    routing = [e for e in logs if any(k.startswith("routing") or "mass" in k for k in e)]
-    per_step = {k: round(v / steps, 2) for k, v in (seconds or {}).items() if k in ("wall", "cpu") and steps}
-    return {
-        "steps": steps,
-        "seconds": seconds,
-        "seconds_per_step": per_step or None,
-        "loss": [{k: e[k] for k in ("step", *keep) if k in e} for e in logs if "loss" in e],
-        "last_routing_log": routing[-1] if routing else None,
-    }
-
-
-def _since(t0: float, c0: float) -> dict[str, float]:
-    """Wall and CPU seconds (this process) since ``time.time() == t0`` and ``time.process_time() == c0``."""
-    return {"wall": round(time.time() - t0, 1), "cpu": round(time.process_time() - c0, 1)}
-
-
 def do_base(sets, threads: int) -> dict[str, Any]:
     from loramoe.models.base import load_base
 
     t0, c0 = time.time(), time.process_time()
     model, tok = load_base("smollm2-135m-instruct")
     rec = eval_record(sets, score_sets(model, tok, sets))
-    rec.update(item="base", eval_seconds=_since(t0, c0), threads=threads)
+    rec.update(item="base", eval_seconds=since(t0, c0), threads=threads)
     return rec
 
 
 def do_run(name: str, sets, out: Path, smoke: bool, threads: int) -> dict[str, Any]:
     from loramoe.models.trained import load_trained
-    from loramoe.training.run_config import RunConfig
-    from loramoe.training.train import train
 
     run_dir = out / name
     cfg = run_config(name, out, smoke)
-    seconds = None
-    timing = run_dir / "train_time.json"
-    if not (run_dir / "train_results.json").exists():
-        # beside the run, not in it: training writes only into a directory that holds nothing but its own files
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        log.info("train %s (%d steps)", name, steps_of(name, smoke))
-        resumed = any(run_dir.glob("checkpoint-*"))
-        t0, c0 = time.time(), time.process_time()
-        train(RunConfig.from_dict(cfg), resume=True)  # continues from the newest complete checkpoint, if any
-        seconds = _since(t0, c0)
-        _write_json(timing, {**seconds, "threads": threads, "resumed_from_checkpoint": resumed})
-        gc.collect()
-    elif timing.exists():
-        seconds = json.loads(timing.read_text())
+    seconds = train_once(name, cfg, out, steps_of(name, smoke), threads)
     log.info("eval %s", name)
     t0, c0 = time.time(), time.process_time()
     model, tok = load_trained(run_dir)
@@ -219,7 +182,7 @@ def do_run(name: str, sets, out: Path, smoke: bool, threads: int) -> dict[str, A
     rec.update(
         item=name, method=method_name, downstream=size, seed=SEEDS[suffix], config=cfg["loramoe"]
         if cfg["method"] == "loramoe" else {"method": cfg["method"]}, learning_rate=cfg["training"]["learning_rate"],
-        train=train_summary(run_dir, seconds), eval_seconds=_since(t0, c0), threads=threads,
+        train=train_summary(run_dir, seconds), eval_seconds=since(t0, c0), threads=threads,
     )  # fmt: skip
     if cfg["method"] == "full":  # 0.5 GB per fully fine-tuned model; the scores are what is kept
         for f in run_dir.glob("*.safetensors"):
@@ -248,7 +211,7 @@ def do_off(name: str, group: str, sets, out: Path, threads: int) -> dict[str, An
         routing = routing_masses(model, tok, sets)
     rec = eval_record(suites, scores)
     rec.update(item=f"{name}__{group}_off", run=name, group_off=group, routing=routing,
-               eval_seconds=_since(t0, c0), threads=threads)  # fmt: skip
+               eval_seconds=since(t0, c0), threads=threads)  # fmt: skip
     return rec
 
 
@@ -282,6 +245,8 @@ def _estimate(item: tuple[str, ...], est: dict) -> float:
         return est["eval_seconds"]
     if item[0] == "off":
         return est["eval_seconds"] * est["group_off_fraction"]
+    if item[0] == "pilot":  # the pilot sets hold 1,000 of the 3,462 CBQA items the evaluation spends most on
+        return pilot_steps(BY_NAME[item[1]]) * est["seconds_per_step"]["lora"] + est["eval_seconds"] * 0.35
     method = parse_run(item[1])[0]
     key = method if method in est["seconds_per_step"] else METHODS[method][0]
     return steps_of(item[1]) * est["seconds_per_step"][key] + est["eval_seconds"]
@@ -347,6 +312,9 @@ def main() -> int:
             and parse_run(item[1])[1] not in (0, 1000)
             or args.smoke
             and "_s2" in key
+            or args.smoke
+            and item[0] == "pilot"
+            and BY_NAME[item[1]].size > 4000
         ):
             continue
         path = results / f"{key}.json"
@@ -360,13 +328,17 @@ def main() -> int:
             rec = do_base(sets, args.threads)
         elif item[0] == "run":
             rec = do_run(item[1], sets, out, args.smoke, args.threads)
+        elif item[0] == "pilot":
+            rec = do_pilot(
+                item[1], sets, out, args.smoke, args.threads, run_config=run_config, results=results
+            )
         else:
             if not (results / f"{item[1]}.json").exists():
                 continue
             rec = do_off(item[1], item[2], sets, out, args.threads)
         if rec is not None:
             rec["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-            _write_json(path, rec)
+            write_json(path, rec)
             log.info("done %s; driver wall %.0fs", key, time.time() - t_start)
         gc.collect()
     log.info("queue pass done; driver wall %.0fs", time.time() - t_start)

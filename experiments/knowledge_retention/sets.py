@@ -1,6 +1,6 @@
 """The knowledge-retention experiment's data: the fixed knowledge SFT set, the growing downstream SFT sets, and the
-fixed evaluation sets. Everything is drawn with fixed seeds from ``../shared/data`` and written at run time under the
-gitignored output folder; nothing from the data sets is committed.
+fixed evaluation sets. Everything is drawn with fixed seeds from the local copies of the data sets
+(``$LORAMOE_DATA_DIR``) and written at run time under the gitignored output folder; nothing from them is committed.
 
 - Knowledge SFT (task type ``knowledge``): 500 WebQuestions trainmodel + 500 NQ-open dev questions, closed-book QA
   (``qa`` format: the question is the user turn, the first gold answer the target). Any question whose normalised
@@ -136,13 +136,23 @@ def _alpaca_rows() -> list[dict]:
     return [r for r in rows if r["output"].strip() and r["instruction"].strip()]
 
 
-def downstream_records(size: int, fitter: Fitter | None = None) -> list[dict]:
+def downstream_records(
+    size: int, fitter: Fitter | None = None, shares: dict[str, int] | None = None
+) -> list[dict]:
     """``size`` downstream SFT records (alpaca format, the input already in the prompt), equal shares of the six
-    tasks, each fitted to ``MAX_LENGTH`` tokens; nested across sizes (a smaller set is a prefix of each task's order)."""
+    tasks unless ``shares`` gives each task's count, each fitted to ``MAX_LENGTH`` tokens; nested across sizes (a
+    smaller set is a prefix of each task's order)."""
     fitter = fitter or Fitter()
+    if shares is not None and (set(shares) != set(DOWNSTREAM_TASKS) or sum(shares.values()) != size):
+        raise SystemExit(
+            f"downstream shares must give each of {DOWNSTREAM_TASKS} and sum to {size}: {shares}"
+        )
     out = []
     for i, task in enumerate(DOWNSTREAM_TASKS):
-        n = size // len(DOWNSTREAM_TASKS) + (i < size % len(DOWNSTREAM_TASKS))
+        if shares is not None:
+            n = shares[task]
+        else:
+            n = size // len(DOWNSTREAM_TASKS) + (i < size % len(DOWNSTREAM_TASKS))
         if task == "alpaca":
             rows = random.Random("kr:alpaca").sample(_alpaca_rows(), POOL)
             pairs = [(r["instruction"].strip(), r["input"].strip(), r["output"].strip()) for r in rows]
@@ -167,16 +177,22 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def sft_sources(folder: Path, downstream: int) -> list[dict]:
-    """The run config's ``data.sources``: the knowledge set, and the downstream set when ``downstream`` > 0."""
+def sft_sources(folder: Path, downstream: int, shares: dict[str, int] | None = None) -> list[dict]:
+    """The run config's ``data.sources``: the knowledge set, and the downstream set when ``downstream`` > 0 (equal
+    shares of the tasks, or ``shares``)."""
     know = folder / "knowledge.jsonl"
     if not know.exists():
         write_jsonl(know, knowledge_records())
     sources = [{"path": str(know), "name": "knowledge", "format": "qa", "task_type": "knowledge"}]
     if downstream:
-        down = folder / f"downstream_{downstream}.jsonl"
+        tag = (
+            ""
+            if shares is None
+            else "_" + hashlib.sha256(json.dumps(shares, sort_keys=True).encode()).hexdigest()[:8]
+        )
+        down = folder / f"downstream_{downstream}{tag}.jsonl"
         if not down.exists():
-            write_jsonl(down, downstream_records(downstream))
+            write_jsonl(down, downstream_records(downstream, shares=shares))
         sources.append(
             {"path": str(down), "name": "downstream", "format": "alpaca", "task_type": "downstream"}
         )
