@@ -20,10 +20,12 @@ from loramoe.errors import ConfigError, DataError
 
 from tiny import tiny_model, tiny_tokenizer
 
-DATA_DIR = Path(
-    os.environ.get("LORAMOE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+# Twelve records of the reference repository's own sample file, in its exact format (tests/fixtures/data/README.md).
+LORAMOE_TINY = Path(__file__).resolve().parent / "fixtures" / "data" / "loramoe_tiny" / "train" / "train.json"
+# The whole file (1,565 records), when a local data directory holds it.
+REAL_LORAMOE_TINY = (
+    Path(os.environ.get("LORAMOE_DATA_DIR", "/nonexistent")) / "loramoe_tiny" / "train" / "train.json"
 )
-LORAMOE_TINY = DATA_DIR / "loramoe_tiny" / "train" / "train.json"
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -119,13 +121,21 @@ def test_fuzz_data_config_from_dict_gives_config_or_config_error(d):
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def test_reference_loramoe_tiny_file_loads_as_is_with_both_task_types():
+def test_reference_loramoe_tiny_records_load_as_is_with_both_task_types():
     examples = load_examples(SourceConfig(path=str(LORAMOE_TINY)))
-    assert len(examples) == 1565
-    assert Counter(e.task_type for e in examples) == {0: 1265, 1: 300}
+    assert len(examples) == 12
+    assert Counter(e.task_type for e in examples) == {0: 8, 1: 4}
     knowledge = next(e for e in examples if e.task_type == 1)
     assert knowledge.prompt.startswith("Question: ") and knowledge.prompt.endswith("\nAnswer:")
     assert all(e.source == "train.json" and e.answer.strip() for e in examples)
+
+
+@pytest.mark.skipif(
+    not REAL_LORAMOE_TINY.is_file(), reason="the whole loramoe_tiny file is not in $LORAMOE_DATA_DIR"
+)
+def test_the_whole_reference_loramoe_tiny_file_loads_as_is():
+    examples = load_examples(SourceConfig(path=str(REAL_LORAMOE_TINY)))
+    assert Counter(e.task_type for e in examples) == {0: 1265, 1: 300}
 
 
 def test_source_task_type_by_name_and_unknown_name_is_a_config_error(tmp_path):
@@ -345,10 +355,10 @@ def test_build_dataset_warns_about_a_missing_task_type_and_rejects_a_too_large_v
 
 def test_build_dataset_on_the_reference_data_plain_template():
     cfg = DataConfig(
-        sources=[{"path": str(LORAMOE_TINY), "num_samples": 200}], max_length=96, template="plain"
+        sources=[{"path": str(LORAMOE_TINY), "num_samples": 12}], max_length=96, template="plain"
     )
     train, _, stats = build_dataset(cfg, tiny_tokenizer())
-    assert len(train) == 200 and {f["task_types"] for f in train} == {0, 1}
+    assert len(train) == 12 and {f["task_types"] for f in train} == {0, 1}
     assert stats.prompt_truncated > 0 and stats.answer_truncated > 0
     eos = tiny_tokenizer().eos_token_id
     assert sum(f["labels"][-1] != eos for f in train) == stats.answer_truncated

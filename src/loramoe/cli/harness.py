@@ -8,7 +8,8 @@ models), so the model type is registered here before handing every argument to i
         --model_args pretrained=smollm2-135m-instruct,adapter=runs/sft/adapter \\
         --tasks loramoe_knowledge --limit 100 --device cpu --apply_chat_template
 
-``--include_path`` pointing at this project's tasks (data from ``$LORAMOE_DATA_DIR`` or ``../shared/data``) is
+``--include_path`` pointing at this project's tasks (data from ``$LORAMOE_DATA_DIR``, else downloaded from its pinned sources into the ``datasets``
+cache) is
 added unless one is given. (lm-eval's command line also indexes its own ~15,000 task files, about a minute on a
 busy 2-core machine; ``loramoe eval`` does not.)
 """

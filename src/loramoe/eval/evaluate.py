@@ -31,6 +31,7 @@ from typing import Any
 from loramoe.errors import ConfigError
 from loramoe.eval.metrics import mean_interval
 from loramoe.eval.report import SCHEMA, write_results
+from loramoe.hub import is_hub_id
 from loramoe.inject import disable_experts, experts_spec
 from loramoe.models.base import DTYPES
 from loramoe.models.bundled import DEFAULT_MODEL
@@ -57,7 +58,8 @@ class EvalConfig:
     Attributes:
         model: Base model name, alias or directory; None = the base the adapter names, or the bundled
             smollm2-135m-instruct when there is no adapter.
-        adapter: A loramoe adapter / training output directory, or None for the base model alone.
+        adapter: A loramoe adapter / training output directory, a Hugging Face Hub repository id (org/name) of an
+            adapter (an existing directory of that name wins), or None for the base model alone.
         tasks: Suites (knowledge, downstream, all) and/or task names (webq, trec, nq, rome_gen, rome_rank,
             lama_gen, lama_rank, sst2, rte, boolq, agnews, xsum); a comma-separated string is accepted.
         limit: Documents per task: None = each task's CPU-sized default (100 QA/cloze, 200 classification,
@@ -66,7 +68,8 @@ class EvalConfig:
         max_new_tokens: Cap on generated tokens for generation tasks; None keeps each task's own (8 to 40).
         chat_template: Wrap prompts in the tokenizer's chat template (lm-eval's apply_chat_template); None = when
             the tokenizer has one, as training does (``DataConfig.template = "auto"``).
-        data_dir: Shared data folder; None = $LORAMOE_DATA_DIR, else ../shared/data beside the repository.
+        data_dir: Local data folder (webquestions/, sst2/, ... as listed in eval/tasks/sources.json); None =
+            $LORAMOE_DATA_DIR, else the pinned sources downloaded into the datasets cache (found there offline).
         output_dir: Where results.json and results.md are written.
         label: Name of this run in reports and comparisons; default: the adapter folder name or "base".
         device: cpu, cuda, cuda:N; None = CUDA when available.
@@ -103,8 +106,10 @@ class EvalConfig:
             raise ConfigError("tasks is empty; give a suite (knowledge, downstream, all) or task names")
         expand_tasks(self.tasks)
         check_fields(self, _RULES)
-        if self.adapter is not None and not Path(self.adapter).is_dir():
-            raise ConfigError(f"adapter directory {self.adapter} does not exist")
+        if self.adapter is not None and not (Path(self.adapter).is_dir() or is_hub_id(self.adapter)):
+            raise ConfigError(
+                f"adapter directory {self.adapter} does not exist (nor is it a Hub repository id, org/name)"
+            )
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(
                 f"data_dir {self.data_dir} does not exist (it should hold webquestions/, sst2/, ...)"
@@ -151,7 +156,7 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
     from loramoe.inference.threads import torch_threads
 
     tasks = expand_tasks(cfg.tasks)
-    data_dir = resolve_data_dir(cfg.data_dir)
+    data_dir = resolve_data_dir(cfg.data_dir, tasks)
     check_data(tasks, data_dir)
     manager = TaskManager(include_path=str(task_dir(data_dir)), include_defaults=False)
     with torch_threads(cfg.threads):

@@ -9,8 +9,9 @@ Design decisions:
 - :data:`TASKS` is the one table of task name -> suite, primary metric, default ``limit`` and data files; the
   YAMLs carry the prompts and the scoring hooks. A test checks the two agree.
 - Each task has its own default ``limit`` so a CPU run of every suite stays at minutes, not hours.
-- The data directory comes from the caller, then ``$LORAMOE_DATA_DIR``, then ``../shared/data`` next to the
-  repository root.
+- The data directory comes from the caller (``--data-dir``), then ``$LORAMOE_DATA_DIR``; with neither, the files
+  the tasks read are downloaded from their pinned sources (``sources.json``: a URL and a SHA-256 per file) into the
+  ``datasets`` cache, or found there when offline (:mod:`loramoe.eval.tasks.sources`). The project carries no data.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramoe.errors import ConfigError, DataError
+from loramoe.eval.tasks import sources
 from loramoe.files import atomic_write_text
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
 DATA_DIR_ENV = "LORAMOE_DATA_DIR"
 _PLACEHOLDER = "@DATA_DIR@"
 _TEMPLATE_DIR = Path(__file__).resolve().parent
-_REPO = _TEMPLATE_DIR.parents[3]  # <repo>/src/loramoe/eval/tasks
 
 
 @dataclass(frozen=True)
@@ -118,29 +119,46 @@ def expand_tasks(names: Iterable[str]) -> list[str]:
     return out
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Find the shared data directory.
+def resolve_data_dir(
+    data_dir: str | os.PathLike[str] | None = None, tasks: Iterable[str] | None = None
+) -> Path:
+    """Find the data directory: a local one, or the pinned sources fetched into the ``datasets`` cache.
 
     Args:
         data_dir: An explicit directory; wins over everything else.
+        tasks: The full task names whose files are needed when downloading (default: every task).
 
     Returns:
-        The absolute directory: ``data_dir``, else ``$LORAMOE_DATA_DIR``, else ``<repo>/../shared/data``.
+        The absolute directory: ``data_dir``, else ``$LORAMOE_DATA_DIR``, else the ``datasets`` cache's view of the
+        downloaded files (``sources.view_dir()``), downloading what is missing unless offline.
 
     Raises:
-        ConfigError: If the chosen directory does not exist; the message says how to set it.
+        ConfigError: The chosen directory does not exist; or there is none and the files are neither cached nor
+            downloadable (offline). The message names both ways to get the data and the sources.
+        DataError: A download failed or a file's checksum differs from the pinned one.
     """
     if data_dir is not None:
-        chosen, origin = Path(data_dir), "the data_dir setting"
+        chosen, origin = Path(data_dir), "the data_dir setting (--data-dir)"
     elif os.environ.get(DATA_DIR_ENV):
         chosen, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
     else:
-        chosen, origin = _REPO / ".." / "shared" / "data", "the default ../shared/data"
+        needed = [rel for task in (TASKS if tasks is None else tasks) for rel in TASKS[task].files]
+        found = sources.cached(needed)
+        if found is not None:
+            return found
+        if sources.offline():
+            raise ConfigError(
+                "no evaluation data: give a local copy with --data-dir DIR (EvalConfig.data_dir) or "
+                f"${DATA_DIR_ENV}, laid out as <folder>/<file> (src/loramoe/eval/tasks/sources.json lists them), or "
+                "run online (unset HF_DATASETS_OFFLINE and HF_HUB_OFFLINE) to download them into the datasets cache "
+                f"({sources.view_dir().parent}) from their pinned sources: {sources.describe(needed)}"
+            )
+        return sources.fetch(needed)
     chosen = chosen.expanduser().resolve()
     if not chosen.is_dir():
         raise ConfigError(
             f"data directory {chosen} (from {origin}) does not exist; pass data_dir or set ${DATA_DIR_ENV} "
-            "to the folder holding webquestions/, sst2/, ..."
+            "to the folder holding webquestions/, sst2/, ..., or set neither to download the data"
         )
     return chosen
 
@@ -170,7 +188,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def task_dir(
-    data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None
+    data_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    tasks: Iterable[str] | None = None,
 ) -> Path:
     """Write the task YAMLs with the data directory filled in and return their folder (lm-eval's include_path).
 
@@ -178,13 +198,14 @@ def task_dir(
     concurrent processes never see a half-written file (each file is written to a temporary name and renamed).
 
     Args:
-        data_dir: The shared data directory; resolved with :func:`resolve_data_dir`.
+        data_dir: The data directory; resolved with :func:`resolve_data_dir`.
         out_dir: Where to write; default ``<system temp>/loramoe_tasks_<hash>``.
+        tasks: The tasks whose data must be there when it is downloaded (default: every task).
 
     Returns:
         The folder holding one YAML per task and a ``utils.py`` that re-exports :mod:`loramoe.eval.tasks.utils`.
     """
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir, tasks)
     # Inside a double-quoted YAML scalar a JSON string body is valid, whatever characters the path holds.
     quoted = json.dumps(root.as_posix())[1:-1]
     templates = {p.name: p.read_text(encoding="utf-8") for p in sorted(_TEMPLATE_DIR.glob("*.yaml"))}

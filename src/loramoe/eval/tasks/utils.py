@@ -104,7 +104,7 @@ def load_rome(data_dir: str, **_: Any) -> dict[str, Any]:
     relation is its ROME objects plus the LAMA T-REx objects of the same Wikidata relation; no fact is dropped.
 
     Args:
-        data_dir: The shared data folder (holding ``rome_known_1000/`` and ``lama_trex_pararel/``).
+        data_dir: The data directory (holding ``rome_known_1000/`` and ``lama_trex_pararel/``).
         **_: lm-eval passes the task metadata here as well; ignored.
 
     Returns:
