@@ -218,6 +218,22 @@ def test_compute_loss_lbc_equals_reference_summed_over_layers(normalization, red
     assert set(parts.router_probs) == set(probs)
 
 
+def test_total_is_the_callers_lm_term_plus_the_scaled_lbc_and_lm_stays_the_models_own():
+    # What a Trainer passes: its own (scaled) LM term, and the LBC's share of an optimizer step.
+    model = adapted_llama(lbc_delta=0.2, lbc_weight=0.3).eval()
+    batch = make_batch()
+    plain = compute_loss(model, batch)
+
+    def tripled(inputs):
+        outputs = model(**inputs)
+        return outputs.loss * 3, outputs
+
+    scaled = compute_loss(model, batch, forward=tripled, lbc_scale=0.25)
+    assert plain.lbc > 0
+    assert torch.equal(scaled.lm, plain.lm) and torch.equal(scaled.lbc, plain.lbc)
+    torch.testing.assert_close(scaled.total, 3 * plain.lm + 0.25 * plain.lbc, **TOL)
+
+
 def test_top_k_lbc_reads_the_dense_probabilities_and_trains_every_router_row():
     # Sparse top-k computes 2 of 8 experts per token, but the balancing loss still sees all 8 probabilities,
     # so its gradient reaches every row of every router, chosen or not.

@@ -231,12 +231,16 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(loramoe_run, f
         train(run_config(files, out))
 
 
-def test_the_lm_loss_is_scaled_like_the_stock_trainers_when_tokens_are_averaged_across_processes(
-    files, tmp_path
+def test_the_trainer_backpropagates_the_stock_lm_loss_plus_the_lbcs_share_of_an_optimizer_step(
+    files, tmp_path, monkeypatch
 ):
-    # Under DDP the Trainer divides each process's token sum by the tokens of all processes and DDP then averages
-    # the gradients, so the stock Trainer multiplies the loss by the number of processes; the LBC is a
-    # per-process mean and keeps its weight. One process stands in for several by the scale it reports.
+    # The LM term is the stock Trainer's, scaled as it scales it: under DDP each process's token sum is divided by
+    # the tokens of all processes and DDP averages the gradients, so the loss is multiplied by the number of
+    # processes (three stand in here). The LBC is a per-process mean, and a mean over one micro-batch: with k
+    # accumulated micro-batches of a token-averaged LM loss it counts 1/k per micro-batch.
+    from accelerate import Accelerator
+    from transformers import Trainer
+
     from loramoe.loss import compute_loss
     from loramoe.training.train import build_trainer
 
@@ -244,11 +248,15 @@ def test_the_lm_loss_is_scaled_like_the_stock_trainers_when_tokens_are_averaged_
     batch = next(iter(trainer.get_train_dataloader()))
     tokens = (batch["labels"][:, 1:] != -100).sum()
     model = trainer.model.train()
-    torch.manual_seed(0)
+    assert trainer.model_accepts_loss_kwargs  # the token-averaged case
     parts = compute_loss(model, dict(batch), num_items_in_batch=tokens)
-    assert trainer.token_average_scale(tokens) == 1  # one process: the stock Trainer does not scale either
-    trainer.token_average_scale = lambda num_items: 3 if num_items is not None else 1
-    torch.manual_seed(0)
-    total = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
     assert parts.lbc > 0
-    assert total.item() == pytest.approx(3 * parts.lm.item() + parts.lbc.item(), rel=1e-5)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 3))
+    trainer.args.average_tokens_across_devices = True
+    plain = {k: v for k, v in batch.items() if k != "task_types"}
+    stock = Trainer.compute_loss(trainer, model, plain, num_items_in_batch=tokens)
+    assert stock.item() == pytest.approx(3 * parts.lm.item(), rel=1e-5)
+    for steps in (1, 4):
+        trainer.current_gradient_accumulation_steps = steps
+        total = trainer.compute_loss(model, batch, num_items_in_batch=tokens)
+        assert total.item() == pytest.approx(3 * parts.lm.item() + parts.lbc.item() / steps, rel=1e-5)

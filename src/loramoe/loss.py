@@ -15,10 +15,14 @@ Design decisions:
   and its minimum is a compromise that still leans each type toward its own group.
 - ``compute_loss`` is the only place that walks the model: it opens a recorder, runs the model's own causal-LM
   loss, and sums the per-layer LBC terms.
+- One total: ``LossParts.total`` is the value a caller backpropagates. A training engine that scales the LM loss
+  (the Trainer's token average over processes) or accumulates gradients passes its own LM term (``forward``) and
+  the LBC's share of an optimizer step (``lbc_scale``), so the sum is made here and nowhere else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,10 +122,11 @@ class LossParts:
     """The training loss and its parts; all scalars are tensors on the model's device.
 
     Attributes:
-        total: ``lm + lbc``, the value to backpropagate.
-        lm: exactly the model's own causal-LM loss.
+        total: the value to backpropagate: the LM term plus ``lbc_scale * lbc`` (``compute_loss``); with the
+            defaults ``lm + lbc``.
+        lm: exactly the model's own causal-LM loss (before any scaling by a training engine), for reporting.
         lbc: the localized balancing constraint summed (or averaged) over adapted linears; 0 when there are no
-            task types or ``lbc_weight`` is 0.
+            task types or ``lbc_weight`` is 0. Unscaled.
         router_probs: layer name -> ``(B, T, N)`` probabilities of this forward (empty when not recorded).
         outputs: the model's own output object (logits etc.).
     """
@@ -134,7 +139,13 @@ class LossParts:
 
 
 def compute_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, record: bool = False, **model_kwargs
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    record: bool = False,
+    forward: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, object]] | None = None,
+    lbc_scale: float = 1.0,
+    **model_kwargs,
 ) -> LossParts:
     """Causal-LM loss plus the localized balancing constraint.
 
@@ -142,7 +153,12 @@ def compute_loss(
         model: an adapted model (``loramoe.inject``).
         batch: ``input_ids``, ``attention_mask``, ``labels`` and optionally ``task_types`` (B,).
         record: also record router probabilities when the LBC is off (for statistics).
-        **model_kwargs: passed to the model's forward (e.g. ``num_items_in_batch`` from the Trainer).
+        forward: runs the model on the batch (``task_types`` removed) and returns ``(LM term, outputs)``, the LM
+            loss as the caller trains on it (the Trainer passes its own ``compute_loss``). Default: the model's
+            forward with ``model_kwargs`` and its ``loss``.
+        lbc_scale: the LBC's factor in ``total`` (a Trainer that accumulates gradients over k micro-batches of a
+            token-averaged LM loss gives 1/k, so the constraint counts once per optimizer step).
+        **model_kwargs: passed to the model's forward (e.g. ``num_items_in_batch``) when ``forward`` is not given.
 
     Returns:
         LossParts.
@@ -161,19 +177,33 @@ def compute_loss(
     use_lbc = task_types is not None and cfg.lbc_weight > 0
     if task_types is not None:
         check_task_types(task_types, len(cfg.task_names), batch_size)
+    if forward is None:
+
+        def forward(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, object]:
+            outputs = model(**inputs, **model_kwargs)
+            return outputs.loss, outputs
+
     if not (use_lbc or record):
-        outputs = model(**inputs, **model_kwargs)
-        return LossParts(total=outputs.loss, lm=outputs.loss, lbc=outputs.loss.new_zeros(()), outputs=outputs)
+        lm_term, outputs = forward(inputs)
+        lm = _own_loss(outputs, lm_term)
+        return LossParts(total=lm_term, lm=lm, lbc=lm.new_zeros(()), outputs=outputs)
     with RouterRecorder(model) as recorder:
-        outputs = model(**inputs, **model_kwargs)
+        lm_term, outputs = forward(inputs)
     probs = recorder.concat()
-    lm = outputs.loss
+    lm = _own_loss(outputs, lm_term)
     if use_lbc:
         mask = inputs.get("attention_mask") if cfg.lbc_positions == "non_padding" else None
         lbc = _lbc(model, probs, task_types, mask)
     else:
         lbc = lm.new_zeros((), dtype=torch.float32)
-    return LossParts(total=lm + lbc.to(lm.dtype), lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
+    total = lm_term + (lbc * lbc_scale).to(lm_term.dtype)
+    return LossParts(total=total, lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
+
+
+def _own_loss(outputs: object, lm_term: torch.Tensor) -> torch.Tensor:
+    """The model's own loss in ``outputs`` (a ``ModelOutput`` or dict), else the LM term itself."""
+    own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+    return own if isinstance(own, torch.Tensor) else lm_term
 
 
 def _lbc(

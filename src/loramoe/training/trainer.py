@@ -14,6 +14,12 @@ Design decisions:
   (transformers gets no limit, so it deletes nothing); see ``checkpoints.py``.
 - Loss parts and router statistics are summed on the device and read back only on logging steps
   (``RouterStatsCallback``).
+- Public Trainer API first: the LM term is the stock ``compute_loss`` (its scaling across processes included),
+  statistics are a callback. Private methods remain only where transformers has no public hook: the checkpoint
+  folder (``_save_checkpoint``, ``_get_output_dir``), the gradient norm before the step (``_get_grad_norm``), the
+  model files given the state gathered under FSDP / ZeRO-3 (``_save``) and loading them on resume
+  (``_load_from_checkpoint``). ``tests/test_trainer_contract.py`` pins each one's signature and behaviour; it
+  decides the upper bound on transformers in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -95,18 +101,19 @@ class GuardedTrainer(Trainer):
             f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
         )
 
-    def token_average_scale(self, num_items_in_batch) -> float:
-        """The factor the stock Trainer applies to a loss averaged over the tokens of every process: DDP averages
-        gradients over processes, so a loss divided by the global token count is multiplied back by their number.
+    def lbc_scale(self, model: nn.Module, num_items_in_batch) -> float:
+        """The LBC's share of one optimizer step.
+
+        The Trainer backpropagates a loss normalised by ``num_items_in_batch`` (when the model accepts it) as it
+        is, since that LM loss is already an average over the whole accumulated batch; any other loss it divides by
+        the number of accumulated micro-batches. The LBC is a mean over one micro-batch, so in the first case it
+        is divided here, and counts once per optimizer step either way.
         """
-        if (
-            self.args.average_tokens_across_devices
-            and self.model_accepts_loss_kwargs
-            and num_items_in_batch is not None
-        ):
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            return scale if self.args.n_gpu <= 1 else self.args.n_gpu
-        return 1
+        if model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            return 1.0 / getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+        return 1.0
 
 
 class LoRAMoETrainer(GuardedTrainer):
@@ -121,13 +128,21 @@ class LoRAMoETrainer(GuardedTrainer):
         self.callback_handler.callbacks.insert(0, self.router_stats)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        kwargs = {}
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
-        parts = compute_loss(model, dict(inputs), record=model.training, **kwargs)
-        # The LM loss is averaged over the tokens of all processes (as the stock Trainer does); the LBC is
-        # a per-process mean already, which DDP's gradient averaging keeps as it is.
-        total = parts.lm * self.token_average_scale(num_items_in_batch) + parts.lbc.to(parts.lm.dtype)
+        stock = super().compute_loss
+
+        def trainer_lm(batch: dict) -> tuple[torch.Tensor, object]:
+            # The stock loss, scaled as the Trainer scales it (a loss averaged over the tokens of every process
+            # is multiplied by their number, since DDP averages gradients); the LBC is a per-process mean already.
+            return stock(model, batch, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+        parts = compute_loss(
+            model,
+            dict(inputs),
+            record=model.training,
+            forward=trainer_lm,
+            lbc_scale=self.lbc_scale(model, num_items_in_batch),
+        )
+        total = parts.total
         self.check_loss(total)
         if model.training:
             self.router_stats.add(
