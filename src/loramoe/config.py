@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramoe.errors import ConfigError
-from loramoe.validation import check_fields, from_mapping, integer, is_int, number, one_of, optional
+from loramoe.validation import check_fields, from_mapping, integer, list_of, number, one_of, optional, text
 
 # model_type -> names of the feed-forward linears of one decoder layer (LoRAMoE adapts exactly these).
 FFN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -60,6 +60,9 @@ _RULES = {
     "lbc_normalization": one_of(NORMALIZATIONS),
     "lbc_reduction": one_of(REDUCTIONS),
     "lbc_positions": one_of(POSITIONS),
+    "target_modules": optional(list_of(text())),
+    "task_names": list_of(text(), at_least=2, distinct=True),
+    "expert_groups": optional(list_of(integer(1))),
 }
 
 
@@ -110,28 +113,15 @@ class LoRAMoEConfig:
     expert_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        # Lists from JSON/YAML become tuples so the config stays hashable and immutable.
+        # Lists from JSON/YAML (and a lone name) become tuples so the config stays hashable and immutable.
         for name in ("target_modules", "task_names", "expert_groups"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{name} must be a list (or null), got {type(value).__name__} {value!r}")
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
+            if isinstance(value, (str, list)):
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         check_fields(self, _RULES)
+        # Checks across fields.
         if self.top_k is not None and self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if self.target_modules is not None and (
-            not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
-        ):
-            raise ConfigError(
-                f"target_modules must be a non-empty list of module names or null, got {self.target_modules!r}"
-            )
-        if self.task_names is None or not all(isinstance(n, str) and n for n in self.task_names):
-            raise ConfigError(f"task_names must be a list of non-empty strings, got {self.task_names!r}")
-        if len(self.task_names) < 2 or len(set(self.task_names)) != len(self.task_names):
-            raise ConfigError(f"task_names must be at least two distinct names, got {list(self.task_names)}")
         self._check_expert_groups()
 
     def _check_expert_groups(self) -> None:
@@ -153,7 +143,7 @@ class LoRAMoEConfig:
                 f"expert_groups has {len(groups)} sizes but task_names has {len(self.task_names)} names; give one "
                 "group size per task type"
             )
-        if not all(is_int(g) and g >= 1 for g in groups) or sum(groups) != self.num_experts:
+        if sum(groups) != self.num_experts:
             raise ConfigError(
                 f"expert_groups {list(groups)} must be positive integers summing to num_experts={self.num_experts}"
             )

@@ -20,6 +20,7 @@ from torch import nn
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from loramoe.errors import ConfigError, TargetError
 from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like, linear_features
+from loramoe.validation import is_int
 
 CONFIG_ATTR = "loramoe_config"
 
@@ -162,11 +163,7 @@ def experts_spec(value: str | Sequence[int]) -> str | list[int]:
             )
         parts = [p.strip() for p in text.split(",")]
         return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
-    if (
-        isinstance(value, Sequence)
-        and value
-        and all(isinstance(e, int) and not isinstance(e, bool) for e in value)
-    ):
+    if isinstance(value, Sequence) and value and all(is_int(e) for e in value):
         return list(value)
     raise ConfigError(f"experts_off must be an expert group name or a list of expert indices, got {value!r}")
 
@@ -194,7 +191,7 @@ def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn
         off = [e for e, k in enumerate(cfg.group_of_expert()) if cfg.task_names[k] == group]
     else:
         off = list(group)
-        bad = [e for e in off if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n]
+        bad = [e for e in off if not is_int(e) or not 0 <= e < n]
         if bad or not off:
             raise ConfigError(
                 f"expert indices must be a non-empty list of ints in [0, {n}); got {list(group)!r}"

@@ -3,7 +3,8 @@
 A rule is ``(is_valid, what the value must be)``; :func:`check_fields` raises a ``ConfigError`` for the first field
 that fails, worded ``"<field> must be <what>, got <value>"``, so every config reports a bad value the same way.
 YAML and JSON blur kinds that Python keeps apart (``true`` is an int to ``isinstance``), so the kinds here are the
-strict ones.
+strict ones: a bool is never an integer or a number. Function arguments are checked with the same rules
+(:func:`check_value`), so a library call and a config file refuse the same values with the same words.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def one_of(choices: Collection[Any]) -> Rule:
 def text() -> Rule:
     """A non-empty string."""
     return (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
+
+
+def list_of(rule: Rule, *, at_least: int = 1, distinct: bool = False) -> Rule:
+    """A list or tuple of at least ``at_least`` items, each passing ``rule`` (and all different if ``distinct``)."""
+    ok, need = rule
+
+    def valid(v: Any) -> bool:
+        if not isinstance(v, (list, tuple)) or len(v) < at_least or not all(ok(e) for e in v):
+            return False
+        return not distinct or len(set(v)) == len(v)
+
+    what = "a non-empty list" if at_least == 1 else f"a list of at least {at_least} items"
+    return valid, f"{what}{', all different' if distinct else ''}, each {need}"
 
 
 def optional(rule: Rule) -> Rule:

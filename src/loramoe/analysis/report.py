@@ -31,6 +31,7 @@ from loramoe.errors import ConfigError
 from loramoe.files import atomic_write_text
 from loramoe.inject import adapted_modules, get_config
 from loramoe.routing import RouterRecorder, per_sample_mean
+from loramoe.validation import check_value, integer
 
 ROUTING_JSON = "routing.json"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -70,8 +71,7 @@ def expert_usage(
     """
     if not adapted_modules(model):
         raise ConfigError("routing analysis needs a LoRAMoE model; this one has no LoRAMoE layers")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_value("batch_size", batch_size, integer(1))
     if not examples:
         raise ConfigError("routing analysis needs at least one example")
     encoder = ExampleEncoder(tokenizer, template=template, max_length=max_length)
@@ -224,8 +224,7 @@ def _write(report: dict[str, Any], out: Path, prefix: str, plot: bool) -> dict[s
 def _check_request(task_examples: Mapping[str, Sequence[Example]], max_examples: Any) -> None:
     if not task_examples:
         raise ConfigError("routing_report needs at least one task with examples")
-    if not isinstance(max_examples, int) or max_examples < 1:
-        raise ConfigError(f"max_examples must be an int >= 1, got {max_examples!r}")
+    check_value("max_examples", max_examples, integer(1))
     empty = [name for name, exs in task_examples.items() if not exs]
     if empty:
         raise ConfigError(f"task(s) {empty} have no examples")

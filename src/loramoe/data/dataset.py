@@ -33,7 +33,7 @@ from loramoe.config import BINARY_TASK_NAMES
 from loramoe.data.formats import Example, check_task_names
 from loramoe.data.sources import TEMPLATES, DataConfig, load_source, mix_examples
 from loramoe.errors import DataError
-from loramoe.validation import is_int, require
+from loramoe.validation import check_value, integer, is_int, optional, require
 
 logger = logging.getLogger("loramoe.data")
 
@@ -53,7 +53,7 @@ class ExampleEncoder:
         require(
             tokenizer.eos_token_id is not None, "the tokenizer has no eos_token; set one (it ends answers)"
         )
-        require(is_int(max_length) and max_length >= 2, f"max_length must be an int >= 2; got {max_length!r}")
+        check_value("max_length", max_length, integer(2))
         self.tokenizer, self.max_length = tokenizer, max_length
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         require(template in TEMPLATES, f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
@@ -141,10 +141,7 @@ class DataCollatorForLoRAMoE:
     def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         require(pad is not None, "the tokenizer has neither a pad nor an eos token to pad with")
-        require(
-            pad_to_multiple_of is None or (is_int(pad_to_multiple_of) and pad_to_multiple_of > 0),
-            f"pad_to_multiple_of must be an int > 0 or None; got {pad_to_multiple_of!r}",
-        )
+        check_value("pad_to_multiple_of", pad_to_multiple_of, optional(integer(1)))
         self.pad_id, self.pad_to_multiple_of = pad, pad_to_multiple_of
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

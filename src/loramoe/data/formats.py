@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from loramoe.config import BINARY_TASK_NAMES
 from loramoe.errors import ConfigError, DataError
 from loramoe.files import check_regular
+from loramoe.validation import is_int
 
 # format -> the keys that identify it (checked in this order by detect_format).
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -98,7 +99,7 @@ def resolve_task_type(
     Raises:
         DataError: an unknown name, an int out of range, or another type; the message lists the valid values.
     """
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(task_names):
+    if is_int(value) and 0 <= value < len(task_names):
         return value
     if isinstance(value, str) and value in task_names:
         return task_names.index(value)

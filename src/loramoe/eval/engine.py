@@ -36,10 +36,19 @@ from loramoe.errors import ConfigError
 from loramoe.eval.metrics import GENERATION_METRICS, mean_interval
 from loramoe.inference.encoding import encode_chat
 from loramoe.inference.generate import complete
+from loramoe.validation import boolean, check_fields, integer, one_of, optional
 
 __all__ = ["Task", "TaskResult", "choice_ids", "continuation_logprobs", "evaluate", "predict_choices"]
 
 Item = dict[str, Any]
+
+
+# "acc": choice by log-likelihood; the others score generated text.
+_TASK_RULES = {
+    "metric": one_of(["acc", *sorted(GENERATION_METRICS)]),
+    "chat_template": optional(boolean()),
+    "max_new_tokens": integer(1),
+}
 
 
 @dataclass(frozen=True)
@@ -58,13 +67,7 @@ class Task:
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
-        if self.metric != "acc" and self.metric not in GENERATION_METRICS:
-            raise ConfigError(
-                f"unknown metric {self.metric!r}; use 'acc' (choice by log-likelihood) or one of "
-                f"{sorted(GENERATION_METRICS)}"
-            )
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        check_fields(self, _TASK_RULES)
 
     @property
     def by_choice(self) -> bool:

@@ -28,6 +28,7 @@ from lm_eval.models.huggingface import HFLM
 
 from loramoe.errors import ConfigError
 from loramoe.eval.engine import continuation_logprobs
+from loramoe.validation import is_int
 
 __all__ = ["MODEL_TYPE", "LoRAMoELM"]
 
@@ -112,7 +113,7 @@ class LoRAMoELM(HFLM):
                 groups[-1][2].append(index)
             else:
                 groups.append((context, [continuation], [index]))
-        batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        batch = override_bs or (self.batch_size if is_int(self.batch_size) else 16)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scored = continuation_logprobs(
             self.model,

@@ -17,6 +17,7 @@ from typing import Any
 
 from loramoe.errors import ConfigError
 from loramoe.files import atomic_path, atomic_write_text
+from loramoe.validation import is_int
 
 __all__ = ["RESULTS_JSON", "RESULTS_MD", "SCHEMA", "compare", "results_markdown", "write_results"]
 
@@ -192,7 +193,7 @@ def _unique_labels(labels: list[str]) -> list[str]:
 def _base_index(runs: list[dict[str, Any]], labels: list[str], base: int | str | None) -> int:
     if base is None:
         return next((i for i, r in enumerate(runs) if not r["config"].get("adapter")), 0)
-    if isinstance(base, int) and 0 <= base < len(runs):
+    if is_int(base) and 0 <= base < len(runs):
         return base
     if isinstance(base, str) and base in labels:
         return labels.index(base)
