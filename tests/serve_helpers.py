@@ -77,8 +77,8 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(adapter: Path | None, base: str | None = None, **settings):
-    model, tokenizer = load_trained(adapter, base=base)
+def running(adapter: Path | None, base: str | None = None, quantization: str | None = None, **settings):
+    model, tokenizer = load_trained(adapter, base=base, quantization=quantization)
     config = ServeConfig(model_name="tiny", **{"batch_wait_ms": 100.0, **settings})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by transformers' Trainer whenever it is installed) looks for an optional CPU kernel on
+    # the Hub and warns when it cannot fetch it; its built-in kernels do the same work, so the warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except LoRAMoEError as err:

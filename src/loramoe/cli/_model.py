@@ -20,11 +20,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="branch, tag or commit of the --adapter Hub repository (default: main)",
     )
     p.add_argument("--dtype", default="float32", help="float32 (default, CPU), bfloat16, float16 or auto")
+    add_quantization_arg(p)
     p.add_argument(
         "--allow-pickle",
         action="store_true",
         help="read pickle-format weights (pytorch_model.bin, adapter_model.bin) of a model or PEFT adapter whose "
         "origin you trust, with torch.load(weights_only=True); refused by default (docs/reliability.md)",
+    )
+
+
+def add_quantization_arg(p: argparse.ArgumentParser) -> None:
+    from loramoe.models.quantization import QUANTIZATIONS
+
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="load the base with 4-bit NF4 (computing in --dtype) or 8-bit LLM.int8 linears through bitsandbytes "
+        "(pip install 'loramoe[quant]'); an adapter trained on a float or a quantized base loads onto either",
     )
 
 
@@ -37,6 +50,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
         revision=args.revision,
+        quantization=args.quantization,
     )
 
 

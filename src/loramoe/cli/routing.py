@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from loramoe.cli._model import add_quantization_arg
 from loramoe.errors import ConfigError
 
 
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", default="auto", help="auto, chat or plain (as in training)")
     p.add_argument("--dtype", default="float32")
+    add_quantization_arg(p)
     p.add_argument("--no-plot", action="store_true", help="write the JSON and table only (no matplotlib)")
     p.add_argument(
         "--experts-off", default=None, metavar="GROUP|I,J",
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from loramoe.inject import adapted_modules, disable_experts, experts_spec, get_config
     from loramoe.models.trained import load_trained
 
-    model, tokenizer = load_trained(args.adapter, base=args.model, dtype=args.dtype)
+    model, tokenizer = load_trained(
+        args.adapter, base=args.model, dtype=args.dtype, quantization=args.quantization
+    )
     if not adapted_modules(model):
         raise ConfigError(f"{args.adapter}: not a LoRAMoE adapter (no router to analyse)")
     names = get_config(model).task_names

@@ -11,6 +11,7 @@ from loramoe.files import load_yaml
 
 def register(sub: argparse._SubParsersAction) -> None:
     from loramoe.config import LoRAMoEConfig, field_docs
+    from loramoe.models.quantization import QUANTIZATIONS
     from loramoe.training.run_config import LoraBaselineConfig, RunConfig
 
     sections = [("", RunConfig), ("loramoe.", LoRAMoEConfig), ("lora.", LoraBaselineConfig)]
@@ -26,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="train on a 4-bit (NF4) or 8-bit base: the same as the override quantization=4bit",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from loramoe.training.run_config import RunConfig
 
     raw = apply_overrides(load_yaml(args.config), args.overrides)
+    if args.quantization is not None:
+        raw["quantization"] = args.quantization
     config = with_source(args.config, RunConfig.from_dict, raw)
     try:
         metrics = with_source(args.config, lambda r: train.train(r, resume=args.resume), config)

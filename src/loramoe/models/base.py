@@ -14,6 +14,7 @@ import torch
 
 from loramoe.errors import ConfigError
 from loramoe.models.bundled import DEFAULT_MODEL, canonical_name, resolve_model
+from loramoe.models.quantization import bnb_config
 from loramoe.weights import SAFETENSORS, weights_format
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def load_base(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, resolving the default alias first.
 
@@ -43,13 +45,16 @@ def load_base(
         cache_dir: Cache root for the converted default model (see :func:`resolve_model`).
         allow_pickle: read pickle-format weights (``pytorch_model.bin``) when there are no safetensors, through
             ``torch.load(weights_only=True)``; off by default, when such a model is refused (``loramoe.weights``).
+        quantization: ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` (LLM.int8) linears through
+            bitsandbytes (``loramoe.models.quantization``), loaded straight onto ``device``; None: unquantized.
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode, a pad token set (the eos token if it had none), and
         ``model.name_or_path`` / ``model.config._name_or_path`` set to the canonical name of the model.
 
     Raises:
-        ConfigError: Unknown ``dtype``, or the model cannot be found or loaded.
+        ConfigError: Unknown ``dtype`` or ``quantization``, bitsandbytes missing for a quantized base, or the model
+            cannot be found or loaded.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,8 +66,13 @@ def load_base(
     # and transformers is told to read nothing but safetensors, so a pickle beside them is never opened.
     fmt = weights_format(path, MODEL_SAFETENSORS, allow_pickle=allow_pickle, what="model", error=ConfigError)
     use_safetensors = None if allow_pickle and fmt != SAFETENSORS else True
+    placement = {}
+    if quantization is not None:  # quantized as they load, on the device they will run on
+        placement = {"quantization_config": bnb_config(quantization, torch_dtype), "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=use_safetensors, **placement
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     # UnpicklingError: an opted-in pickle that torch.load(weights_only=True) refused
     except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
@@ -79,7 +89,7 @@ def load_base(
     model.config.name_or_path = name  # stored as config._name_or_path
     model.name_or_path = name
     tokenizer.name_or_path = name
-    return model.to(device).eval(), tokenizer
+    return (model if quantization is not None else model.to(device)).eval(), tokenizer
 
 
 def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:

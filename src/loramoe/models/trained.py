@@ -22,6 +22,7 @@ def load_trained(
     dtype: str = "float32",
     allow_pickle: bool = False,
     revision: str | None = None,
+    quantization: str | None = None,
 ):
     """Load a model for inference: a base alone, a base plus a loramoe or PEFT adapter, or a fully fine-tuned model.
 
@@ -34,6 +35,8 @@ def load_trained(
         allow_pickle: read pickle-format weights of the base, a PEFT adapter or a full fine-tuning output (never
             of a loramoe adapter) with ``torch.load(weights_only=True)``; off by default (``loramoe.weights``).
         revision: branch, tag or commit when ``path`` is a Hub repository id; default ``main``.
+        quantization: load the base with ``"4bit"`` or ``"8bit"`` linears (as in ``load_base``); an adapter trained
+            on either a quantized or a float base loads onto either.
 
     Returns:
         ``(model, tokenizer)`` in eval mode.
@@ -45,7 +48,7 @@ def load_trained(
             raise ConfigError("give a base model (--model) or an adapter directory (--adapter)")
         if revision is not None:
             raise ConfigError("revision applies to an adapter from the Hub; give --adapter with it")
-        return load_base(base, dtype=dtype, allow_pickle=allow_pickle)
+        return load_base(base, dtype=dtype, allow_pickle=allow_pickle, quantization=quantization)
     folder = adapter_folder(path, revision=revision, files=(CONFIG_NAME, WEIGHTS_NAME))
     if not folder.is_dir():
         raise AdapterError(
@@ -55,17 +58,20 @@ def load_trained(
     if config_file.is_file():
         meta = read_json(config_file, error=AdapterError, what="adapter config")
         if isinstance(meta, dict) and "peft_type" in meta:  # the LoRA baseline
-            return _load_peft(folder, meta, base, dtype, allow_pickle)
+            return _load_peft(folder, meta, base, dtype, allow_pickle, quantization)
         _, meta = read_adapter_config(folder)
         name = base or (meta.get("base_model") or {}).get("name_or_path")
         if not name:
             raise AdapterError(f"{config_file}: the adapter does not name its base model; pass --model")
-        model, tokenizer = _load_named_base(name, base is None, config_file, dtype, allow_pickle)
+        model, tokenizer = _load_named_base(
+            name, base is None, config_file, dtype, allow_pickle, quantization
+        )
         return _load_adapter(model, folder).eval(), tokenizer
     if (folder / "config.json").is_file():  # full fine-tuning output
         weights_format(folder, MODEL_SAFETENSORS, allow_pickle=allow_pickle, what="model")
         return _third_party_load(
-            folder / "config.json", lambda: load_base(str(folder), dtype=dtype, allow_pickle=allow_pickle)
+            folder / "config.json",
+            lambda: load_base(str(folder), dtype=dtype, allow_pickle=allow_pickle, quantization=quantization),
         )
     if weights_format(folder, (WEIGHTS_NAME,), what="adapter"):
         raise AdapterError(
@@ -78,11 +84,13 @@ def load_trained(
     )
 
 
-def _load_named_base(name: str, from_adapter: bool, config_file: Path, dtype: str, allow_pickle: bool):
+def _load_named_base(
+    name: str, from_adapter: bool, config_file: Path, dtype: str, allow_pickle: bool, quantization: str | None
+):
     """``load_base``; when the adapter chose the base, a failure says so (the user never typed that name)."""
 
     try:
-        return load_base(name, dtype=dtype, allow_pickle=allow_pickle)
+        return load_base(name, dtype=dtype, allow_pickle=allow_pickle, quantization=quantization)
     except ConfigError as err:
         if not from_adapter:
             raise
@@ -112,7 +120,9 @@ def _third_party_load(path: Path, load):
         ) from err
 
 
-def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str, allow_pickle: bool):
+def _load_peft(
+    folder: Path, meta: dict, base: str | None, dtype: str, allow_pickle: bool, quantization: str | None
+):
 
     name = base or meta.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
@@ -122,7 +132,7 @@ def _load_peft(folder: Path, meta: dict, base: str | None, dtype: str, allow_pic
     # PEFT reads adapter_model.safetensors when it is there, and torch.load(weights_only=True) of the .bin otherwise
     weights_format(folder, ("adapter_model.safetensors",), allow_pickle=allow_pickle, what="adapter")
     model, tokenizer = _load_named_base(
-        name, base is None, folder / "adapter_config.json", dtype, allow_pickle
+        name, base is None, folder / "adapter_config.json", dtype, allow_pickle, quantization
     )
 
     def load():

@@ -26,6 +26,7 @@ from loramoe.data.sources import DataConfig
 from loramoe.errors import ConfigError
 from loramoe.models.base import DTYPES
 from loramoe.models.bundled import DEFAULT_MODEL
+from loramoe.models.quantization import QUANTIZATIONS
 from loramoe.validation import (
     Rule,
     boolean,
@@ -90,7 +91,11 @@ class RunConfig:
     Attributes:
         model: base model: ``smollm2-135m-instruct`` (bundled, offline), a local HF directory or a hub name.
         method: ``loramoe``, ``lora`` (PEFT baseline) or ``full`` (full fine-tuning).
-        dtype: ``float32`` (default; use it on CPU), ``bfloat16``, ``float16`` or ``auto``.
+        dtype: ``float32`` (default; use it on CPU), ``bfloat16``, ``float16`` or ``auto``; with ``quantization``,
+            the dtype the 4-bit matmuls compute in.
+        quantization: ``4bit`` (NF4, QLoRA's format) or ``8bit`` (LLM.int8) base linears through bitsandbytes
+            (``pip install 'loramoe[quant]'``), under float32 experts and routers; null (default): unquantized.
+            Not with ``method: full``.
         loramoe: the LoRAMoE adapter and LBC (``LoRAMoEConfig`` fields).
         lora: the LoRA baseline (``rank``, ``alpha``, ``dropout``).
         data: data sources and tokenisation (``DataConfig`` fields); required.
@@ -103,6 +108,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     method: str = "loramoe"
     dtype: str = "float32"
+    quantization: str | None = None
     loramoe: LoRAMoEConfig = field(default_factory=LoRAMoEConfig)
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
     data: DataConfig | None = None  # required: None only until __post_init__ reports it missing
@@ -116,8 +122,14 @@ class RunConfig:
                 "method": one_of(METHODS),
                 "model": (text()[0], f"a model name or path, e.g. {DEFAULT_MODEL}"),
                 "dtype": one_of(DTYPES),
+                "quantization": optional(one_of(QUANTIZATIONS)),
                 "allow_pickle": boolean(),
             },
+        )
+        require(
+            self.quantization is None or self.method != "full",
+            f"quantization {self.quantization!r} with method 'full': a quantized base cannot be fully fine-tuned; "
+            "use method loramoe or lora, or quantization: null",
         )
         self.loramoe = section("loramoe", LoRAMoEConfig, self.loramoe)
         self.lora = section("lora", LoraBaselineConfig, self.lora)
@@ -207,6 +219,7 @@ class RunConfig:
             "model": self.model,
             "method": self.method,
             "dtype": self.dtype,
+            "quantization": self.quantization,
             "loramoe": self.loramoe.to_dict(),
             "lora": dataclasses.asdict(self.lora),
             "data": self.data.to_dict(),

@@ -30,6 +30,7 @@ from loramoe.errors import ConfigError
 from loramoe.files import atomic_write_text
 from loramoe.inject import inject, summary
 from loramoe.models.base import context_length
+from loramoe.models.quantization import prepare_for_training
 from loramoe.training.baselines import BaselineTrainer, unfreeze, wrap_lora
 from loramoe.training.checkpoints import (
     check_output_dir,
@@ -47,7 +48,9 @@ logger = logging.getLogger("loramoe.train")
 
 
 def prepare_model(model: nn.Module, run: RunConfig) -> nn.Module:
-    """Adapt (loramoe), wrap with PEFT (lora) or unfreeze (full) the base model."""
+    """Adapt (loramoe), wrap with PEFT (lora) or unfreeze (full) the base model; a quantized base first gets its
+    unquantized half-precision parameters in float32 (``models.quantization.prepare_for_training``)."""
+    model = prepare_for_training(model)
     if run.method == "loramoe":
         return inject(model, run.loramoe)
     if run.method == "full":
@@ -58,7 +61,8 @@ def prepare_model(model: nn.Module, run: RunConfig) -> nn.Module:
 def build_trainer(run: RunConfig, *, run_id: str | None = None) -> GuardedTrainer:
     """Load the base model, adapt it as ``run.method`` says, build the data, and return the ready Trainer.
 
-    The base model is loaded on the CPU; the Trainer places it on the device (or devices) of the run.
+    The base model is loaded on the CPU and the Trainer places it on the device (or devices) of the run; a quantized
+    base is loaded straight onto this process's device (``args.device``): its linears are quantized as they load.
 
     Args:
         run: the validated run configuration.
@@ -77,7 +81,13 @@ def build_trainer(run: RunConfig, *, run_id: str | None = None) -> GuardedTraine
     # The adapter's initialisation draws from the global RNG: seed it (as the Trainer does later) so that a run,
     # and a resumed run, are reproducible in one process as well as in a fresh one.
     set_seed(args.seed)
-    model, tokenizer = load_base(run.model, dtype=run.dtype, device="cpu", allow_pickle=run.allow_pickle)
+    model, tokenizer = load_base(
+        run.model,
+        dtype=run.dtype,
+        device=args.device if run.quantization else "cpu",
+        allow_pickle=run.allow_pickle,
+        quantization=run.quantization,
+    )
     context = context_length(model)
     model = prepare_model(model, run)
     if args.should_save:

@@ -34,6 +34,7 @@ from transformers import Trainer
 from loramoe.errors import TrainingError
 from loramoe.inject import get_config
 from loramoe.loss import compute_loss
+from loramoe.models.quantization import adapters_attached
 from loramoe.training.checkpoints import (
     begin_checkpoint,
     checkpoint_is_complete,
@@ -121,7 +122,8 @@ class LoRAMoETrainer(GuardedTrainer):
     adapter files."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        with adapters_attached(kwargs.get("model", args[0] if args else None)):  # a quantized base may train
+            super().__init__(*args, **kwargs)
         cfg = get_config(self.accelerator.unwrap_model(self.model))
         self.router_stats = RouterStatsCallback(cfg.task_names, cfg.group_of_expert())
         # First, so that the reporting callbacks (report_to) see the statistics it adds to a log.
