@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loramoe.errors import ConfigError
-from loramoe.eval.engine import Task, choice_ids, continuation_logprobs, evaluate, predict_choices
+from loramoe.eval.engine import Task, choice_ids, continuation_logprobs, predict_choices, score_item_sets
 from loramoe.eval.metrics import alias_contained, regex_match
 
 from tiny import tiny_model, tiny_tokenizer
@@ -219,7 +219,7 @@ def test_evaluate_reports_values_predictions_and_an_interval(model_and_tokenizer
         "pick": [{"prompt": "2+2?", "choices": ["4", "5"], "gold": 0}] * 3,
         "say": [{"prompt": "hi", "golds": ["x"]}],
     }
-    got = evaluate(model, tok, sets, {"pick": Task("acc"), "say": Task("contains", max_new_tokens=2)})
+    got = score_item_sets(model, tok, sets, {"pick": Task("acc"), "say": Task("contains", max_new_tokens=2)})
     assert list(got) == ["pick", "say"]
     pick = got["pick"]
     assert len(pick.values) == 3 and pick.score == sum(pick.values) / 3 and pick.predictions[0] in (0, 1)
@@ -232,9 +232,9 @@ def test_bad_tasks_are_refused_by_name(model_and_tokenizer) -> None:
     with pytest.raises(ConfigError, match=r"metric must be one of \['acc', .*\], got 'bleu'"):
         Task("bleu")
     with pytest.raises(ConfigError, match="no task given for item set 'x'"):
-        evaluate(model, tok, {"x": [{"prompt": "a", "golds": ["b"]}]}, {})
+        score_item_sets(model, tok, {"x": [{"prompt": "a", "golds": ["b"]}]}, {})
     with pytest.raises(ConfigError, match="empty"):
-        evaluate(model, tok, {"x": []}, {"x": Task("contains")})
+        score_item_sets(model, tok, {"x": []}, {"x": Task("contains")})
 
 
 @pytest.mark.slow  # converts or loads SmolLM2 and scores ~60 real items: about a minute on an idle core

@@ -1,4 +1,4 @@
-"""The ``loramoe`` lm-eval model type end to end on a tiny model, ``evaluate`` and ``compare``.
+"""The ``loramoe`` lm-eval model type end to end on a tiny model, ``evaluate_benchmarks`` and ``compare``.
 
 The log-likelihoods and generations lm-eval reports are checked against a direct computation with the same model
 (the reference), not against stored numbers.
@@ -16,7 +16,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 
 from loramoe.errors import ConfigError  # noqa: E402
-from loramoe.eval.evaluate import EvalConfig, evaluate  # noqa: E402
+from loramoe.eval.evaluate import EvalConfig, evaluate_benchmarks  # noqa: E402
 from loramoe.eval.lm_eval_model import LoRAMoELM  # noqa: E402 (registers the "loramoe" model type)
 from loramoe.eval.report import compare, write_results  # noqa: E402
 
@@ -226,7 +226,7 @@ def test_evaluate_writes_results_and_compare_reports_retention(tiny_dir: Path, t
         output_dir=str(tmp_path / "base"), device="cpu", batch_size=2, threads=1,
     )  # fmt: skip
     threads = torch.get_num_threads()
-    result = evaluate(cfg)
+    result = evaluate_benchmarks(cfg)
     assert torch.get_num_threads() == threads  # restored
     assert result["config"]["chat_template"] is True  # auto: the tiny tokenizer has a chat template
     assert json.loads((tmp_path / "base" / "results.json").read_text()) == json.loads(json.dumps(result))

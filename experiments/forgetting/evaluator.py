@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loramoe.eval.engine import Task, predict_choices
-from loramoe.eval.engine import evaluate as score_sets
+from loramoe.eval.engine import Task, predict_choices, score_item_sets
 
 KNOWLEDGE = ["trec", "efficientqa", "rome", "lama", "facts"]  # suites NOT in the SFT mixture
 DOWNSTREAM = ["sst2", "rte", "boolq", "agnews", "xsum"]
@@ -42,7 +41,7 @@ def evaluate(model: Any, tok: Any, sets: dict[str, list[dict]]) -> dict[str, Any
     model.eval()
     out: dict[str, Any] = {"scores": {}, "seconds": {}, "stderr": {}, "samples": {}}
     for task, items in sets.items():
-        res = score_sets(model, tok, {task: items}, TASKS, batch_size=16)[task]
+        res = score_item_sets(model, tok, {task: items}, TASKS, batch_size=16)[task]
         out["scores"][task] = res.score
         out["seconds"][task] = round(res.seconds, 1)
         out["stderr"][task] = res.interval["stderr"]

@@ -75,12 +75,12 @@ def paired_ratio(num: Sequence[float], den: Sequence[float], *, draws: int = 200
 
 def score_sets(model, tok, sets: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """Score ``model`` on every suite of ``sets``: suite -> score, n, 95 % interval, per-item values, seconds."""
-    from loramoe.eval.engine import evaluate
+    from loramoe.eval.engine import score_item_sets
 
     model.eval()
     out: dict[str, dict[str, Any]] = {}
     for suite, items in sets.items():
-        res = evaluate(model, tok, {suite: items}, SUITES, batch_size=16)[suite]
+        res = score_item_sets(model, tok, {suite: items}, SUITES, batch_size=16)[suite]
         extra: dict[str, Any] = {}
         if not SUITES[suite].by_choice:
             extra["examples"] = [[it["prompt"][-80:], p] for it, p in zip(items[:3], res.predictions[:3])]

@@ -110,7 +110,7 @@ def save_adapter(
         base_name_or_path: recorded as the base model's name (default: the model's own ``name_or_path``).
         tensors: the file-format tensors to write, whole (default: ``adapter_state_dict(model)``).
         data_summary: the training data summary for the card (``DataStats.to_dict()``; the trainer passes it).
-        results: the adapter's evaluation for the card (``loramoe.eval.evaluate.evaluate``'s result).
+        results: the adapter's evaluation for the card (``loramoe.eval.evaluate.evaluate_benchmarks``'s result).
 
     Returns:
         The directory.

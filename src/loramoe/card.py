@@ -11,7 +11,7 @@ Design decisions:
   is rewritten with the adapter.
 - Everything the card states comes from ``adapter_config.json`` and the arguments; it is a view of the adapter,
   not a second source of truth, so :func:`write_model_card` can redo it for a saved adapter (after an evaluation).
-- ``results`` is the dict ``loramoe.eval.evaluate.evaluate`` returns (``tasks`` -> ``{suite, metric, score,
+- ``results`` is the dict ``loramoe.eval.evaluate.evaluate_benchmarks`` returns (``tasks`` -> ``{suite, metric, score,
   n}``), read by key so that this core module imports nothing from the evaluation layer.
 """
 
@@ -48,7 +48,7 @@ def write_model_card(
         adapter_dir: A folder written by ``loramoe.save_adapter``.
         data: The training data summary (``loramoe.data.dataset.DataStats.to_dict()``: examples, per task, per
             source, tokens, truncations).
-        results: The adapter's evaluation (``loramoe.eval.evaluate.evaluate``'s result).
+        results: The adapter's evaluation (``loramoe.eval.evaluate.evaluate_benchmarks``'s result).
         base_results: The base model's evaluation on the same tasks; adds the base scores and the change.
         hub_base_model: The base model's Hub id for the front matter, when the recorded name is an alias or a
             local path; default: the recorded name when it has the Hub's ``org/name`` form.

@@ -41,10 +41,6 @@ def pickle_weight_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _PICKLE_WEIGHTS.match(p.name) and p.is_file())
 
 
-def is_pickle_weight_name(name: str) -> bool:
-    return bool(_PICKLE_WEIGHTS.match(name))
-
-
 def weights_format(
     folder: str | Path,
     safetensors_names: tuple[str, ...],

@@ -33,7 +33,6 @@ from loramoe.inject import adapted_modules, get_config
 from loramoe.routing import RouterRecorder, per_sample_mean
 from loramoe.validation import check_value, integer
 
-ROUTING_JSON = "routing.json"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 

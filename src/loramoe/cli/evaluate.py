@@ -43,13 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loramoe.eval.evaluate import EvalConfig, evaluate
+    from loramoe.eval.evaluate import EvalConfig, evaluate_benchmarks
     from loramoe.eval.report import RESULTS_JSON, results_markdown
 
     raw = load_yaml(args.config) if args.config else {}
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     raw |= {k: v for k, v in vars(args).items() if k in names and v is not None}
-    result = evaluate(EvalConfig.from_dict(raw))
+    result = evaluate_benchmarks(EvalConfig.from_dict(raw))
     print(results_markdown(result))
     print(f"written to {Path(result['config']['output_dir']) / RESULTS_JSON}")
     return 0

@@ -1,6 +1,6 @@
 """How the demo scores a model, and its before/after table.
 
-The scoring is :func:`loramoe.eval.engine.evaluate`'s: held-out facts by alias containment (a sentence that
+The scoring is :func:`loramoe.eval.engine.score_item_sets`'s: held-out facts by alias containment (a sentence that
 contains an accepted answer counts), the made-up downstream tasks by verbatim match of the stripped output (the
 format is the task). Every prompt is generated in one pooled call of batch 64 (greedy, the chat template when the
 tokenizer has one), so the outputs do not depend on how the prompts are grouped into tasks.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loramoe.eval.engine import Task, evaluate
+from loramoe.eval.engine import Task, score_item_sets
 
 FACTS = "facts_heldout"
 
@@ -39,7 +39,9 @@ def evaluate_demo(
         ]
     specs = {name: Task("contains" if name == FACTS else "verbatim", chat_template=None,
                         max_new_tokens=max_new_tokens) for name in sets}  # fmt: skip
-    results = evaluate(model, tokenizer, sets, specs, batch_size=64, pool_generation=True, progress=progress)
+    results = score_item_sets(
+        model, tokenizer, sets, specs, batch_size=64, pool_generation=True, progress=progress
+    )
     scores = {name: result.score for name, result in results.items()}
     scores["downstream_mean"] = sum(scores[t] for t in tasks) / len(tasks)
     samples = {

@@ -1,6 +1,6 @@
 """The evaluation engine: score a model on fixed item sets, by generation or by log-likelihood choice.
 
-The demo and the experiments call :func:`evaluate` on their own item sets; ``loramoe eval`` runs lm-eval, whose
+The demo and the experiments call :func:`score_item_sets` on their own item sets; ``loramoe eval`` runs lm-eval, whose
 model type (:mod:`loramoe.eval.lm_eval_model`) computes its log-likelihoods with :func:`continuation_logprobs`
 and whose task hooks score answers with the metrics of :mod:`loramoe.eval.metrics`. So each job has one home:
 answer normalisation and metrics in ``metrics``, the log-likelihood forward and the generation-or-choice
@@ -38,7 +38,7 @@ from loramoe.inference.encoding import encode_chat
 from loramoe.inference.generate import complete
 from loramoe.validation import boolean, check_fields, integer, one_of, optional
 
-__all__ = ["Task", "TaskResult", "choice_ids", "continuation_logprobs", "evaluate", "predict_choices"]
+__all__ = ["Task", "TaskResult", "choice_ids", "continuation_logprobs", "predict_choices", "score_item_sets"]
 
 Item = dict[str, Any]
 
@@ -101,7 +101,7 @@ class TaskResult:
         return self.interval["mean"]
 
 
-def evaluate(
+def score_item_sets(
     model: Any,
     tokenizer: Any,
     sets: dict[str, list[Item]],

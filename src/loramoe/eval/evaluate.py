@@ -134,7 +134,7 @@ class EvalConfig:
         return Path(self.adapter).name if self.adapter else "base"
 
 
-def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+def evaluate_benchmarks(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run the configured tasks with lm-eval and write ``results.json`` and ``results.md`` to ``cfg.output_dir``.
 
     Args:

@@ -79,7 +79,7 @@ def compare(
     """Put several runs side by side, with deltas against a base run and the knowledge-retention ratio.
 
     Args:
-        result_paths: ``results.json`` files (or folders holding one) written by :func:`evaluate`.
+        result_paths: ``results.json`` files (or folders holding one) written by :func:`loramoe.eval.evaluate.evaluate_benchmarks`.
         out_dir: Where ``compare.md`` and ``compare.png`` are written (atomically).
         base: The base run, by index or label; default: the first run without an adapter, else the first run.
         plot: Also draw the grouped bar chart (needs matplotlib: ``pip install 'loramoe[plots]'``).
