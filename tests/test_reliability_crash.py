@@ -57,9 +57,28 @@ def _checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
 
 
+def _record_training_steps(monkeypatch) -> list[tuple[int, int]]:
+    """(the Trainer's global step, the optimizer's step count) at each training forward of this process."""
+    from loramoe.training.trainer import LoRAMoETrainer
+
+    seen: list[tuple[int, int]] = []
+    original = LoRAMoETrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            adam = next(iter(self.optimizer.state.values()), {})
+            seen.append((self.state.global_step, int(adam["step"]) if "step" in adam else 0))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(LoRAMoETrainer, "compute_loss", recording)
+    return seen
+
+
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bitwise(
-    workspace, processes, tmp_path
+    workspace, processes, tmp_path, monkeypatch
 ):
+    from loramoe.training.checkpoints import COMPLETE_MARKER, latest_good_checkpoint
+
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     out = tmp_path / "killed"
@@ -85,7 +104,22 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_b
         kills.append((target, round(delay, 3), proc.returncode))
     print(f"seed {seed}; kills (at checkpoint step, delay s, exit code): {kills}")
     assert all(rc == -signal.SIGKILL for *_, rc in kills), kills
+    # The newest checkpoint with its completion marker (a killed save has none); 3 kills always leave one.
+    complete = [n for n in _checkpoint_steps(out) if (out / f"checkpoint-{n}" / COMPLETE_MARKER).is_file()]
+    assert complete, f"seed {seed}, kills {kills}: no complete checkpoint"
+    newest = max(complete)
+    assert latest_good_checkpoint(out) == str(out / f"checkpoint-{newest}")
+    steps = _record_training_steps(monkeypatch)
     assert main(["train", str(config), "--resume"]) == 0
+    # It resumed from that checkpoint: a restart from step 0 ends with the same adapter (the run is
+    # deterministic), so only the steps it ran tell them apart. The first step continues the checkpoint's global
+    # step with the optimizer state saved there (AdamW's step count), and only the remaining steps run.
+    assert steps, "the resumed run ran no training step"
+    assert steps[0] == (newest, newest), (
+        f"seed {seed}, kills {kills}: the resumed run started at (global step, optimizer step) {steps[0]}, not "
+        f"at checkpoint-{newest}'s ({newest}, {newest})"
+    )
+    assert [s for s, _ in steps] == list(range(newest, 40))
     want, got = _adapter(reference), _adapter(out)
     assert want.keys() == got.keys()
     differ = [k for k in want if not torch.equal(want[k], got[k])]
