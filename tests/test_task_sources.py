@@ -117,3 +117,15 @@ def test_every_task_reads_its_documents_from_the_committed_fixtures(tmp_path: Pa
         docs = list(tasks[name].test_docs())
         assert docs, name
         assert tasks[name].doc_to_text(docs[0]) is not None
+
+
+def test_the_data_command_lays_out_a_data_directory_others_can_read(pinned, tmp_path, capsys) -> None:
+    out = tmp_path / "my data"
+    assert main(["data", "sst2", "--out", str(out)]) == 0
+    assert f"data directory: {out}" in capsys.readouterr().out
+    assert (out / "sst2" / "dev.tsv").read_bytes() == (FIXTURES / "sst2" / "dev.tsv").read_bytes()
+    check_data(SST2, resolve_data_dir(out))
+    assert main(["data", "--list"]) == 0
+    assert "webquestions" in capsys.readouterr().out
+    assert main(["data", "imagenet"]) == 2
+    assert "unknown data set(s) ['imagenet']" in capsys.readouterr().err

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from loramoe.errors import LoRAMoEError
 
 # The subcommands, in the order ``loramoe --help`` lists them; each module has ``register(subparsers)``.
-COMMANDS = ("train", "generate", "chat", "serve", "info", "evaluate", "compare", "routing", "demo", "harness")
+COMMANDS = (
+    "train", "generate", "chat", "serve", "info", "evaluate", "compare", "routing", "demo", "harness", "data",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

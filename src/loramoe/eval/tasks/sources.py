@@ -94,21 +94,34 @@ def cached(needed: Iterable[str]) -> Path | None:
     return root
 
 
-def fetch(needed: Iterable[str]) -> Path:
-    """Download the files of ``needed`` into the ``datasets`` cache, check them, and return the view directory.
+def fetch(needed: Iterable[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """Download the files of ``needed`` into the ``datasets`` cache, check them, and lay them out under ``root``.
+
+    Args:
+        needed: Relative paths: data folders (``"nq_open"``), their subfolders or files.
+        root: The data directory to lay them out in (links to the cached downloads); default :func:`view_dir`.
+
+    Returns:
+        ``root``: a data directory holding ``<folder>/<file>`` for every file of ``needed``.
 
     Raises:
+        ConfigError: Offline (the message says how to go online or where a local copy goes).
         DataError: a download failed, or a file's SHA-256 differs from the pinned one (the URL is named).
     """
     from datasets import DownloadConfig, DownloadManager
 
     wanted = files_for(needed)
-    root = view_dir()
+    root = view_dir() if root is None else Path(root).expanduser().resolve()
     todo = {rel: url for rel, (url, digest) in wanted.items() if not _verified(root / rel, digest)}
     if not todo:
         return root
+    if offline():
+        raise ConfigError(
+            f"{len(todo)} data file(s) are not downloaded yet and HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set; "
+            "unset them to download, or copy the data sets into a local data directory"
+        )
     # The cache folder is read now, not at import: datasets fixes its default download folder when imported.
-    config = DownloadConfig(cache_dir=str(root.parent / "downloads"), disable_tqdm=True)
+    config = DownloadConfig(cache_dir=str(view_dir().parent / "downloads"), disable_tqdm=True)
     manager = DownloadManager(download_config=config)
     try:
         paths = manager.download(todo)
