@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loramoe.config import BINARY_TASK_NAMES
-from loramoe.data.formats import Example, check_task_names
+from loramoe.data.formats import Example, check_task_names, resolve_task_type, valid_task_types
 from loramoe.data.sources import TEMPLATES, DataConfig, load_source, mix_examples
 from loramoe.errors import DataError
 from loramoe.validation import check_value, integer, is_int, optional, require
@@ -161,6 +161,34 @@ class DataCollatorForLoRAMoE:
             labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
         task_types = torch.as_tensor([int(f["task_types"]) for f in features], dtype=torch.long)  # (B,)
         return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, task_types=task_types)
+
+
+class TaskTypeCollator:
+    """Any collator plus ``task_types``: each sample's task type column is taken out, the rest collated by
+    ``collator``, and the types added to the batch as ``task_types`` (B,) long, the way the loss reads them.
+
+    For pipelines that tokenise and collate their own way (TRL's ``SFTTrainer``); run with
+    ``remove_unused_columns=False`` so the Trainer keeps the column.
+
+    Args:
+        collator: the pipeline's own collator (samples -> batch dict).
+        task_names: the adapter's task names (``LoRAMoEConfig.task_names``); a type is a name or its index.
+        column: the samples' task type column.
+    """
+
+    def __init__(self, collator: Any, task_names: Sequence[str], column: str = "task_type") -> None:
+        self.collator, self.task_names, self.column = collator, tuple(task_names), column
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if any(self.column not in f for f in features):
+            raise DataError(
+                f"a sample has no {self.column!r} column; give every sample its task type "
+                f"({valid_task_types(self.task_names)}), or name the column that holds it"
+            )
+        types = [resolve_task_type(f[self.column], self.task_names) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
+        batch["task_types"] = torch.tensor(types, dtype=torch.long)  # (B,)
+        return batch
 
 
 @dataclass
