@@ -8,12 +8,16 @@ each sample averaged over its positions and the layers).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
 from loramoe.routing import routing_sums
+
+if TYPE_CHECKING:
+    from loramoe.loss import LossParts
 
 
 class RouterStatsCallback(TrainerCallback):
@@ -51,6 +55,12 @@ class RouterStatsCallback(TrainerCallback):
             mask_BT=mask_BT,
         )
         self._routing = sums if self._routing is None else {k: self._routing[k] + v for k, v in sums.items()}
+
+    def add_parts(self, parts: LossParts, batch: Mapping[str, Any]) -> None:
+        """``add`` of one step's ``loramoe.compute_loss`` result and the batch it was computed on."""
+        self.add(
+            parts.lm, parts.lbc, parts.router_probs, batch.get("task_types"), batch.get("attention_mask")
+        )
 
     def means(self) -> dict[str, float]:
         """The means since the last call (one read from the device), and a fresh start."""

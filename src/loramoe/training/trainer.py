@@ -147,13 +147,7 @@ class LoRAMoETrainer(GuardedTrainer):
         total = parts.total
         self.check_loss(total)
         if model.training:
-            self.router_stats.add(
-                parts.lm,
-                parts.lbc,
-                parts.router_probs,
-                inputs.get("task_types"),
-                inputs.get("attention_mask"),
-            )
+            self.router_stats.add_parts(parts, inputs)
         return (total, parts.outputs) if return_outputs else total
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -102,13 +102,7 @@ class LoRAMoESFTTrainer(SFTTrainer):
             lbc_scale=self.lbc_scale(model, num_items_in_batch),
         )
         if model.training:
-            self.router_stats.add(
-                parts.lm,
-                parts.lbc,
-                parts.router_probs,
-                inputs.get("task_types"),
-                inputs.get("attention_mask"),
-            )
+            self.router_stats.add_parts(parts, inputs)
         if not return_outputs:
             return parts.total
         with torch.no_grad():  # the logits evaluation asks for, outside the recorded forward
