@@ -121,7 +121,7 @@ def check_generation_config(model: Any) -> None:
     if found:
         raise ConfigError(
             f"the model's generation config sets {', '.join(found)}, which loramoe's decoding does not implement; "
-            "remove it from generation_config.json (or model.generation_config) to decode without it"
+            "set it back to its default in generation_config.json (or model.generation_config) to decode without it"
         )
 
 

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -130,10 +131,12 @@ def fetch(needed: Iterable[str], root: str | os.PathLike[str] | None = None) -> 
     for rel, cached_path in paths.items():
         got = sha256_file(cached_path)
         if got != wanted[rel][1]:
-            Path(cached_path).unlink(missing_ok=True)  # never let a wrong file be found in the cache again
+            # Set aside, not deleted: the cache must not hand the wrong file back, and it stays inspectable.
+            os.replace(cached_path, f"{cached_path}.sha256-mismatch")
             raise DataError(
                 f"{todo[rel]}: SHA-256 {got} differs from the pinned {wanted[rel][1]}; the source changed or the "
-                "download was damaged. Retry, or give a data directory (--data-dir) holding the right file",
+                f"download was damaged (it is kept as {cached_path}.sha256-mismatch). Retry, or give a data directory "
+                "(--data-dir) holding the right file",
                 path=rel,
             )
         _link(Path(cached_path), root / rel)
@@ -147,8 +150,7 @@ def _verified(path: Path, digest: str) -> bool:
 def _link(target: Path, link: Path) -> None:
     """Place ``link`` -> ``target`` atomically (a copy where the file system has no symbolic links)."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # unique: nothing to clear first
     try:
         tmp.symlink_to(target.resolve())
     except OSError:
