@@ -9,6 +9,10 @@ from pilots import DOWNSTREAM_BAR_RUN, PILOT_CBQA_N, PILOTS, RETENTION_BAR
 from report import DRAWS, down_mean, downstream_bootstrap, fmt, pooled
 from scoring import decode_values, paired_ratio
 
+# A ratio to a reference that answers almost nothing has no interval worth printing (the bootstrap draws divide by
+# zero); such a pilot is a miss whatever it scores, because there was no knowledge left to keep.
+MIN_REFERENCE_CORRECT = 10
+
 
 def subset_cbqa(rec: dict) -> list[float]:
     """The subset's CBQA items, pooled: a pilot's own values, or the prefix of a main run's full-suite values."""
@@ -30,8 +34,14 @@ def pilot_rows(results: dict[str, dict]) -> list[dict]:
         row = {"pilot": p, "rec": rec, "cbqa": pooled(subset_cbqa(rec)), "down": down_mean(rec)}
         ref = reference_of(results, p.reference) if p.reference else None
         if ref is not None:
-            r = paired_ratio(subset_cbqa(rec), subset_cbqa(ref), draws=DRAWS)
-            row["retention"] = (r["ratio"], r["lo"], r["hi"])
+            ref_values = subset_cbqa(ref)
+            if sum(ref_values) < MIN_REFERENCE_CORRECT:
+                row["undefined"] = (
+                    f"undefined: the reference answers {sum(ref_values):.0f} of {len(ref_values)}"
+                )
+            else:
+                r = paired_ratio(subset_cbqa(rec), ref_values, draws=DRAWS)
+                row["retention"] = (r["ratio"], r["lo"], r["hi"])
         if bar is not None and p.size:
             row["down_vs_bar"] = downstream_bootstrap([rec, bar], lambda a, b: a - b)
             row["meets"] = bool(
@@ -68,7 +78,7 @@ def pilot_table(results: dict[str, dict]) -> list[str]:
             )
     for row in rows:
         p, rec = row["pilot"], row["rec"]
-        ret = fmt(*row["retention"], digits=2) if "retention" in row else "-"
+        ret = fmt(*row["retention"], digits=2) if "retention" in row else row.get("undefined", "-")
         vs = row.get("down_vs_bar")
         lines.append(
             f"| `{p.name}` | {p.lever} | {rec['train']['steps']} | {fmt(*row['cbqa'])} | "
