@@ -14,6 +14,7 @@ far above any real config: a run config is a few hundred bytes, a dozen levels d
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -44,25 +45,66 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def _new_file_mode() -> int:
     """0o666 less the process umask: the permissions ``open(path, "w")`` gives a new file."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    try:  # read without changing it: setting the umask, even for an instant, races with other threads' files
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
+
+
+# The tag of the temporary files ``atomic_path`` makes in this context (a run id, see ``tagged_temp_files``).
+_TEMP_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("loramoe_temp_tag", default=None)
+
+
+@contextlib.contextmanager
+def tagged_temp_files(tag: str) -> Iterator[None]:
+    """Name every temporary file ``atomic_path`` makes in this block ``.<name>.<tag>-<random>.tmp``.
+
+    A failed write removes its temporary file, but a killed process cannot; a run writes with its run id as the
+    tag, so that the next process of the same run can prove such a leftover is its own (``leftover_temp_files``)
+    and finish it. Untagged temporary files (``.<name>.<random>.tmp``) prove nothing and are never swept.
+    """
+    if not re.fullmatch(r"[0-9A-Za-z_]+", tag):
+        raise ValueError(f"a temporary file tag is letters, digits and _, got {tag!r}")
+    token = _TEMP_TAG.set(tag)
+    try:
+        yield
+    finally:
+        _TEMP_TAG.reset(token)
+
+
+def leftover_temp_files(folder: str | os.PathLike, tag: str) -> list[Path]:
+    """The regular files in ``folder`` (not in its subfolders, not through links) that ``atomic_path`` made under
+    ``tagged_temp_files(tag)`` and a kill left behind."""
+    found = []
+    for path in Path(folder).glob(f".*.{tag}-*.tmp"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                found.append(path)
+    return found
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds it is fsynced and renamed onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. The file gets the permissions a
+    plain ``open(path, "w")`` would give it (0o666 less the umask), whatever the block wrote it with.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tag = _TEMP_TAG.get()
+    prefix = f".{target.name}.{tag}-" if tag else f".{target.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0o600; give it the mode a plain open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file 0o600 and a writer may replace it with its own (safetensors does): set the mode
+        # a plain open() gives, now that the block is done
+        os.chmod(tmp_path, _new_file_mode())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from loramoe.errors import ConfigError, LoRAMoEError, TrainingError
-from loramoe.files import atomic_write_text, fsync_dir, read_json, sha256_file
+from loramoe.files import atomic_write_text, fsync_dir, leftover_temp_files, read_json, sha256_file
 
 logger = logging.getLogger("loramoe.train")
 
@@ -222,6 +222,13 @@ def rotate_checkpoints(
             _remove_owned(folder, run_id, f"older than the newest {limit} (save_total_limit)")
 
 
+def sweep_leftovers(output_dir: str | os.PathLike, run_id: str) -> None:
+    """Finish what a killed process of run ``run_id`` left in ``output_dir``: its hidden checkpoint folders being
+    created or removed, and the temporary files of its atomic writes. Call it only while no other process of the
+    same run writes there."""
+    _sweep_leftovers(Path(output_dir), run_id)
+
+
 def _remove_owned(folder: Path, run_id: str, why: str) -> None:
     """The only way loramoe deletes a checkpoint: after checking, right here, that it is this run's. The folder is
     first renamed to a hidden name holding the run id (atomic), so a kill during the removal leaves no half
@@ -239,9 +246,12 @@ def _remove_owned(folder: Path, run_id: str, why: str) -> None:
 
 def _sweep_leftovers(run_dir: Path, run_id: str) -> None:
     """Finish what a kill interrupted: this run's hidden ``.checkpoint-N.new-<run id>`` (being created) and
-    ``.checkpoint-N.removing-<run id>`` (being removed) folders. Only this run makes folders with these names, so
-    the name, holding the run id, is the proof they are its own."""
+    ``.checkpoint-N.removing-<run id>`` (being removed) folders, and the temporary files of its atomic writes into
+    ``run_dir`` (``.<name>.<run id>-<random>.tmp``, see ``files.tagged_temp_files``). Only this run makes folders
+    and files with these names, so the name, holding the run id, is the proof they are its own."""
     for leftover in run_dir.glob(f".checkpoint-*.new-{run_id}"):
         shutil.rmtree(leftover)
     for leftover in run_dir.glob(f".checkpoint-*.removing-{run_id}"):
         shutil.rmtree(leftover)
+    for leftover in leftover_temp_files(run_dir, run_id):
+        leftover.unlink(missing_ok=True)

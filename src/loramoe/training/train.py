@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from loramoe.errors import ConfigError
-from loramoe.files import atomic_write_text
+from loramoe.files import atomic_write_text, tagged_temp_files
 from loramoe.inject import inject, summary
 from loramoe.models.base import context_length
 from loramoe.models.quantization import prepare_for_training
@@ -40,6 +40,7 @@ from loramoe.training.checkpoints import (
     refuse_foreign,
     remove_torn_checkpoints,
     run_id_of,
+    sweep_leftovers,
 )
 from loramoe.training.run_config import RUN_CONFIG_NAME, RunConfig
 from loramoe.training.trainer import GuardedTrainer, LoRAMoETrainer, check_parameters_finite
@@ -182,6 +183,14 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         )
     if resume:
         check_resume_config(out, run)
+    if run_id is None:
+        return _train(run, out, None, resume)
+    sweep_leftovers(out, run_id)  # what a killed process of this run left, its temporary files included
+    with tagged_temp_files(run_id):  # named by the run id: the next process can prove they are its own
+        return _train(run, out, run_id, resume)
+
+
+def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[str, Any]:
     trainer = build_trainer(run, run_id=run_id)
     checkpoint = latest_good_checkpoint(out, run_id=run_id) if resume else None
     if resume:
