@@ -261,6 +261,8 @@ class TokenLoop:
     def _pick(self, logits_bV, requests: list[Request], seen_bV) -> tuple[torch.Tensor, list[int | None]]:
         """Each row's next token; a row whose choice fails gets None and fails alone."""
         settings, generators = [r.sampling for r in requests], [r.generator for r in requests]
+        # The batch may fail after some rows drew their numbers; those rows draw again from the same point.
+        states = [g.get_state() if g is not None else None for g in generators]
         try:
             tokens_b = next_tokens(logits_bV, settings, generators, seen_bV)
             tokens: list[int | None] = tokens_b.tolist()
@@ -268,6 +270,8 @@ class TokenLoop:
             tokens_b, tokens = logits_bV.argmax(dim=-1), []
             for row, r in enumerate(requests):
                 try:
+                    if generators[row] is not None:
+                        generators[row].set_state(states[row])
                     seen = None if seen_bV is None else seen_bV[row : row + 1]
                     tokens_b[row] = next_tokens(
                         logits_bV[row : row + 1], [settings[row]], [generators[row]], seen

@@ -43,9 +43,12 @@ UNIMPLEMENTED = {
 }  # fmt: skip
 
 
-def _float32_positive(value: Any) -> bool:
+def float32_positive(value: Any) -> bool:
     """A finite number that stays > 0 and finite in float32."""
-    return is_number(value) and value > 0 and 0 < float(np.float32(value)) < math.inf
+    if not (is_number(value) and value > 0):
+        return False
+    with np.errstate(over="ignore"):
+        return 0 < float(np.float32(value)) < math.inf
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,12 @@ class Sampling:
             {
                 "max_tokens": integer(1),
                 "temperature": (
-                    lambda v: v == 0 or _float32_positive(v),
+                    lambda v: v == 0 or float32_positive(v),
                     "0 (greedy) or a positive number that float32 holds (>= 1.4e-45)",
                 ),
-                "top_p": (lambda v: _float32_positive(v) and v <= 1, "a number in (0, 1] that float32 holds"),
+                "top_p": (lambda v: float32_positive(v) and v <= 1, "a number in (0, 1] that float32 holds"),
                 "top_k": integer(0),
-                "repetition_penalty": (_float32_positive, "a positive number that float32 holds"),
+                "repetition_penalty": (float32_positive, "a positive number that float32 holds"),
                 "stop": (
                     lambda v: isinstance(v, tuple) and all(isinstance(s, str) and s for s in v),
                     "a tuple of non-empty strings",
@@ -152,7 +155,7 @@ def sampling_for(
     sample = default("do_sample", do_sample, False)
     if not isinstance(sample, bool):
         raise ConfigError(f"do_sample must be true or false, got {sample!r}")
-    if sample and temperature is not None and not _float32_positive(temperature):
+    if sample and temperature is not None and not float32_positive(temperature):
         raise ConfigError(
             f"temperature must be > 0 (in float32) when sampling, got {temperature!r}; use do_sample=False for "
             "greedy decoding"

@@ -41,6 +41,7 @@ from loramoe.models.base import context_length
 from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown
 from loramoe.serve.config import ServeConfig
 from loramoe.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, parse, sampling
+from loramoe.serve.reading import read_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -174,7 +175,7 @@ def _check_model(name: str, state: ServerState) -> None:
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
-    req: ChatRequest = parse(ChatRequest, await _read_json(request, state.config.max_body_bytes))
+    req: ChatRequest = parse(ChatRequest, await read_json(request, state.config.max_body_bytes))
     _check_model(req.model, state)
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(
@@ -184,34 +185,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 
 
 async def completions(request: Request, state: ServerState) -> Response:
-    req: CompletionRequest = parse(CompletionRequest, await _read_json(request, state.config.max_body_bytes))
+    req: CompletionRequest = parse(CompletionRequest, await read_json(request, state.config.max_body_bytes))
     _check_model(req.model, state)
     return await _generate(state, req, "text", encode_prompt(state.tokenizer, req.text()), "prompt")
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, read up to ``limit`` bytes (413 beyond it, 400 for anything that is not JSON)."""
-    too_large = APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body, parse_constant=_no_constant)
-    except json.JSONDecodeError as err:
-        raise APIError(
-            400, f"the body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from None
-    except (UnicodeDecodeError, ValueError) as err:
-        raise APIError(400, f"the body is not valid JSON: {err}") from None
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _generate(

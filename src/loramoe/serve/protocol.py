@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from loramoe.errors import ConfigError
 from loramoe.inference.loop import Completion
-from loramoe.inference.sampling import Sampling, sampling_for
+from loramoe.inference.sampling import SEED_RANGE, Sampling, float32_positive, sampling_for
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # OpenAI parameters this server does not implement; refused unless absent or null.
@@ -70,6 +71,24 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _in_float32(value: float) -> float:
+    """Decoding runs in float32: a value that rounds to 0 or overflows there is refused, not decoded."""
+    if value != 0 and not float32_positive(value):
+        raise PydanticCustomError(
+            "float32",
+            "Input should be a number that float32 holds ({value} rounds to {to} in float32, the precision "
+            "decoding uses)",
+            {"value": value, "to": "0" if abs(value) < 1 else "infinity"},
+        )
+    return value
+
+
+# Sampling values as decoding will use them: in range, and still in range once rounded to float32.
+_Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(_in_float32)]
+_TopP = Annotated[float, Field(gt=0, le=1), AfterValidator(_in_float32)]
+_Penalty = Annotated[float, Field(gt=0), AfterValidator(_in_float32)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -95,10 +114,10 @@ class StreamOptions(_Strict):
 class _Request(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: _Temperature | None = None
+    top_p: _TopP | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # what torch.Generator takes
     n: Literal[1] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -109,7 +128,7 @@ class _Request(_Strict):
     router_stats: bool = False  # extension: mass on each expert group, for the prompt and the completion
     # Extensions (vLLM's names): sampling settings OpenAI lacks, and the generated token ids in the response.
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: _Penalty | None = None
     return_token_ids: bool = False
 
 
