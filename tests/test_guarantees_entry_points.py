@@ -92,3 +92,12 @@ def test_library_misuse_raises_loramoe_errors(tmp_path):
         compute_loss(model, {**batch(B=0), "task_types": torch.zeros(0, dtype=torch.long)})
     with pytest.raises(ConfigError, match="no LoRAMoE adapter"):
         save_adapter(plain, tmp_path / "out")
+
+
+def test_an_empty_expert_selection_is_an_error_not_every_expert_on(root, capsys):
+    """``--experts-off ""`` selects no expert: refused before the model loads, instead of analysing with all on."""
+    argv = ["routing", "--adapter", str(root / "missing"), "--data", f"t={root / 'good.jsonl'}", "--out", "o"]
+    line = cli_error(capsys, [*argv, "--experts-off", ""])
+    assert "experts_off is empty" in line, line
+    line = cli_error(capsys, [*argv, "--experts-off", " , "])
+    assert "has an empty item" in line, line

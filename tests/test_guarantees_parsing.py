@@ -141,3 +141,101 @@ def test_an_absurd_adapter_is_refused_before_allocating():
     with pytest.raises(ConfigError, match=r"num_experts=1000000 .*more than 10x the base model's"):
         inject(model, LoRAMoEConfig(num_experts=1_000_000, rank=64))
     assert not adapted_modules(model)
+
+
+LONG = "1" * 5000  # past Python's 4,300-digit limit on int(str), which would end in a bare ValueError
+
+
+def test_an_integer_too_long_to_read_is_a_one_line_error_naming_where(tmp_path):
+    from loramoe.data.formats import read_records
+    from loramoe.files import parse_yaml, read_json
+    from loramoe.inference.prompts import read_prompts
+    from loramoe.inject import experts_spec
+
+    for text, line in [(f"a: 1\nb: {LONG}\n", 2), (f"a: [0x{LONG}]\n", 1), (f"a: 1{'_1' * 4999}\n", 1)]:
+        with pytest.raises(ConfigError, match=rf"^f\.yaml:{line}: invalid YAML \(an integer of \d+ digits"):
+            parse_yaml(text, "f.yaml")
+    assert parse_yaml("a: -" + "9" * 100, "f.yaml") == {"a": -int("9" * 100)}  # the bound: 100 digits
+    with pytest.raises(ConfigError, match=r"^override 'a=1111.*an integer of 5000 digits"):
+        apply_overrides({}, [f"a={LONG}"])
+    with pytest.raises(ConfigError, match=r"^override 'a\.1111.*an integer of 5000 digits"):
+        apply_overrides({"a": [1]}, [f"a.{LONG}=2"])
+    with pytest.raises(ConfigError, match=r"'²' is not an index"):  # str.isdigit() says yes, int() says no
+        apply_overrides({"a": [1]}, ["a.²=2"])
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "x": {"y": [0, LONG]}}\n'.replace(
+            "LONG", LONG
+        )
+    )
+    with pytest.raises(DataError, match=r"d\.jsonl:2 field 'x\.y\[1\]': an integer of 5000 digits"):
+        read_records(data)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "n": LONG}\n'.replace("LONG", LONG))
+    with pytest.raises(DataError, match=r"p\.jsonl:1 field 'n': an integer of 5000 digits"):
+        read_prompts(prompts)
+    doc = tmp_path / "c.json"
+    doc.write_text('{"config": {"rank": LONG}}'.replace("LONG", LONG))
+    with pytest.raises(AdapterError, match=r"c\.json field 'config\.rank': an integer of 5000 digits"):
+        read_json(doc, error=AdapterError)
+    with pytest.raises(ConfigError, match=r"LoRAMoE config field 'rank': an integer of 5000 digits"):
+        LoRAMoEConfig.from_json('{"rank": LONG}'.replace("LONG", LONG))
+    with pytest.raises(ConfigError, match=r"experts_off: an integer of 5000 digits"):
+        experts_spec(f"0,{LONG}")
+    with pytest.raises(ConfigError, match=r"rank must be an integer >= 1, got an int too long to print"):
+        LoRAMoEConfig(rank=-(10**5000))
+
+
+def test_long_integers_in_command_line_values_exit_2(root, capsys):
+    from loramoe.cli.routing import parse_data_arg
+
+    from guarantees_helpers import cli_error
+
+    line = cli_error(capsys, ["compare", "a.json", "b.json", "--out", str(root / "cmp"), "--base", LONG])
+    assert re.search(r"--base: an integer of 5000 digits", line), line
+    with pytest.raises(ConfigError, match=r"--data 'x=d\.jsonl:1111.*an integer of 5000 digits"):
+        parse_data_arg(f"x=d.jsonl:{LONG}", ["downstream", "knowledge"])
+
+
+def test_a_key_given_twice_in_a_json_object_is_refused_naming_it(tmp_path):
+    from loramoe.data.formats import read_records
+    from loramoe.files import read_json
+    from loramoe.inference.prompts import read_prompts
+
+    rows = tmp_path / "d.jsonl"
+    rows.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "output": "c"}\n'
+    )
+    with pytest.raises(DataError, match=r"d\.jsonl:2 field 'output': the key is given twice in one object"):
+        read_records(rows)
+    array = tmp_path / "d.json"
+    array.write_text(
+        '[\n{"instruction": "a", "output": "b"},\n{"messages": [{"role": "user", "role": "x"}]}\n]'
+    )
+    with pytest.raises(DataError, match=r"d\.json\[1\]:3 field 'role': the key is given twice"):
+        read_records(array)
+    # skip_invalid skips such a line like any malformed one
+    assert (
+        len(read_records(rows, skip_invalid=True)[0]) == 1 and read_records(rows, skip_invalid=True)[1] == 1
+    )
+    prompts = tmp_path / "p.json"
+    prompts.write_text('[{"prompt": "a", "prompt": "b"}]')
+    with pytest.raises(DataError, match=r"p\.json field 'prompt': the key is given twice"):
+        read_prompts(prompts)
+    doc = tmp_path / "adapter_config.json"
+    doc.write_text('{"format": "loramoe", "config": {"alpha": 8, "alpha": 32}}')
+    with pytest.raises(AdapterError, match=r"adapter_config\.json field 'alpha': the key is given twice"):
+        read_json(doc, error=AdapterError)
+    with pytest.raises(ConfigError, match=r"LoRAMoE config field 'rank': the key is given twice"):
+        LoRAMoEConfig.from_json('{"rank": 2, "rank": 4}')
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.text(alphabet=st.sampled_from(list('[]{}":,0123456789-e. aNI')), max_size=120))
+def test_data_lines_raise_only_data_errors(tmp_path_factory, text):
+    from loramoe.data.formats import read_records
+
+    path = tmp_path_factory.mktemp("jsonl") / "x.jsonl"
+    path.write_text(text + "\n" + '{"a": %s}' % ("7" * (90 + len(text))))
+    with contextlib.suppress(DataError):
+        read_records(path)

@@ -37,6 +37,7 @@ from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
 from loramoe.hub import adapter_folder
 from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
+from loramoe.validation import is_int, shown
 from loramoe.weights import weights_format
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,9 +166,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
             f"{path}: not a loramoe adapter config (expected 'format': 'loramoe' and a 'config' object)"
         )
     version = meta.get("format_version", 1)
-    if version not in _FORMAT_DEFAULTS:
+    if not is_int(version) or version not in _FORMAT_DEFAULTS:  # `true` would pass for 1 as a dict key
         raise AdapterError(
-            f"{path} field 'format_version': {version!r} is not a format this loramoe reads "
+            f"{path} field 'format_version': {shown(version)} is not a format this loramoe reads "
             f"({', '.join(map(str, _FORMAT_DEFAULTS))}); load it with the loramoe version that saved it, or upgrade "
             "loramoe"
         )

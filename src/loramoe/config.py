@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramoe.errors import ConfigError
+from loramoe.files import JSONRefused, StrictDecoder
 from loramoe.validation import check_fields, from_mapping, integer, list_of, number, one_of, optional, text
 
 # model_type -> names of the feed-forward linears of one decoder layer (LoRAMoE adapts exactly these).
@@ -181,7 +182,23 @@ class LoRAMoEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> LoRAMoEConfig:
-        return cls.from_dict(json.loads(text))
+        """The config of ``to_json``'s text; JSON as strict as a file's (``files.StrictDecoder``).
+
+        Raises:
+            ConfigError: not a JSON string, or a value the config refuses.
+        """
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"LoRAMoEConfig.from_json needs the JSON text (a str), got {type(text).__name__}"
+            )
+        try:
+            data = StrictDecoder().decode(text)
+        except JSONRefused as err:  # a key twice, an integer too long
+            raise ConfigError(f"LoRAMoE config{err.where()}: {err.problem}") from None
+        except (ValueError, RecursionError) as err:  # malformed, or NaN
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+            raise ConfigError(f"LoRAMoE config: not valid JSON ({reason})") from None
+        return cls.from_dict(data)
 
 
 def field_docs(cls: type = LoRAMoEConfig) -> dict[str, str]:

@@ -20,7 +20,7 @@ from torch import nn
 from loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from loramoe.errors import ConfigError, TargetError
 from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like, linear_features
-from loramoe.validation import is_int
+from loramoe.validation import is_int, parse_int, shown
 
 CONFIG_ATTR = "loramoe_config"
 
@@ -162,7 +162,12 @@ def experts_spec(value: str | Sequence[int]) -> str | list[int]:
                 "experts_off is empty; give an expert group name (knowledge, downstream) or indices like 0,2"
             )
         parts = [p.strip() for p in text.split(",")]
-        return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
+        if "" in parts:
+            raise ConfigError(
+                f"experts_off {shown(value)} has an empty item; give an expert group name or indices like 0,2"
+            )
+        indices = [parse_int(p, "experts_off") for p in parts]
+        return text if None in indices else indices
     if isinstance(value, Sequence) and value and all(is_int(e) for e in value):
         return list(value)
     raise ConfigError(f"experts_off must be an expert group name or a list of expert indices, got {value!r}")

@@ -5,12 +5,18 @@ that fails, worded ``"<field> must be <what>, got <value>"``, so every config re
 YAML and JSON blur kinds that Python keeps apart (``true`` is an int to ``isinstance``), so the kinds here are the
 strict ones: a bool is never an integer or a number. Function arguments are checked with the same rules
 (:func:`check_value`), so a library call and a config file refuse the same values with the same words.
+
+Integers typed by a user (YAML, JSON, ``key=value`` overrides, flags) are read through one bound,
+:data:`MAX_INT_DIGITS` (:func:`int_digits`, :func:`parse_int`): Python refuses to convert a decimal string of over
+4,300 digits either way (reading it, or printing the number in an error message), and no count, seed or id that
+loramoe reads comes near the bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
@@ -18,6 +24,10 @@ from loramoe.errors import ConfigError
 
 Rule = tuple[Callable[[Any], bool], str]
 T = TypeVar("T")
+
+MAX_INT_DIGITS = 100
+# ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
 
 
 def is_int(value: Any) -> bool:
@@ -28,6 +38,46 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN or infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def int_digits(literal: str) -> int:
+    """The digits of an integer literal, in any base (``0x``/``0o``/``0b`` prefix, sign, ``_`` and YAML's ``:``
+    separators not counted)."""
+    body = literal.strip().lstrip("+-")
+    if body[:2].lower() in ("0x", "0o", "0b"):
+        body = body[2:]
+    return sum(ch.isalnum() for ch in body)
+
+
+def too_long_int(literal: str) -> str | None:
+    """Why ``literal`` is refused as an integer (more than :data:`MAX_INT_DIGITS` digits), or None."""
+    digits = int_digits(literal)
+    if digits <= MAX_INT_DIGITS:
+        return None
+    return f"an integer of {digits} digits, more than the {MAX_INT_DIGITS} loramoe reads; is this the right value?"
+
+
+def parse_int(text: str, what: str) -> int | None:
+    """``text`` as an int when it is a decimal integer (ASCII digits, an optional sign), else None.
+
+    Raises:
+        ConfigError: naming ``what``, for more than :data:`MAX_INT_DIGITS` digits.
+    """
+    if not _DECIMAL.fullmatch(text):
+        return None
+    problem = too_long_int(text)
+    if problem is not None:
+        raise ConfigError(f"{what}: {problem}")
+    return int(text)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a one-line message, cut to about ``limit`` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4,300 digits, alone or inside a list
+        return f"{'an int' if is_int(value) else type(value).__name__} too long to print"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def require(ok: bool, message: str) -> None:
@@ -102,7 +152,7 @@ def optional(rule: Rule) -> Rule:
 def check_value(name: str, value: Any, rule: Rule) -> None:
     """Raise ``ConfigError`` naming ``name`` unless ``value`` passes ``rule``."""
     ok, need = rule
-    require(ok(value), f"{name} must be {need}, got {value!r}")
+    require(ok(value), f"{name} must be {need}, got {shown(value)}")
 
 
 def check_fields(config: Any, rules: Mapping[str, Rule]) -> None:

@@ -267,6 +267,23 @@ def gen_adapters() -> None:
         rewrite_meta(f, lambda m, key=key: m["base_model"].pop(key))
     f = variant("config-future-format", "AdapterError", r"adapter_config\.json field 'format_version'")
     rewrite_meta(f, lambda m: m.update(format_version=99))
+    f = variant(
+        "config-format-version-true", "AdapterError", r"adapter_config\.json field 'format_version': True"
+    )
+    rewrite_meta(f, lambda m: m.update(format_version=True))
+    f = variant(
+        "config-duplicate-key", "AdapterError", r"adapter_config\.json field 'alpha': the key is given twice"
+    )
+    (f / "adapter_config.json").write_text(
+        json.dumps(meta).replace('"alpha": 32.0', '"alpha": 32.0, "alpha": 8.0')
+    )
+    f = variant(
+        "config-long-integer",
+        "AdapterError",
+        r"adapter_config\.json field 'config\.rank': an integer of 5000",
+    )
+    (f / "adapter_config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "rank": 0}})
+                                           .replace('"rank": 0', '"rank": ' + "1" * 5000))  # fmt: skip
     f = variant("config-checksum-not-hex", "AdapterError", r"field 'weights_sha256': must be a SHA-256")
     rewrite_meta(f, lambda m: m.update(weights_sha256="abc"))
     f = variant("config-nan-alpha", "AdapterError", r"adapter_config\.json.*not valid JSON.*NaN")

@@ -268,5 +268,28 @@ def gen_configs() -> None:
     }  # fmt: skip
     for name, (arg, match) in override_bombs.items():
         case(f"config/{name}", "ConfigError", match, config=base, overrides=[arg], names="override")
+    # --- class: values (integers too long to read, in any base, in files and overrides) ----------------------
+    long = "1" * 5000  # past Python's 4,300-digit limit on int(str)
+    other = yaml.safe_dump({k: v for k, v in BASE_CONFIG.items() if k != "loramoe"})
+    long_values = {
+        "yaml-long-integer": (f"loramoe: {{rank: {long}}}\n" + other, r":1: invalid YAML \(an integer of 5000 digits"),
+        "yaml-long-hex-integer": (other + f"seed: 0x{long}\n", r":\d+: invalid YAML \(an integer of 5000 digits"),
+        "yaml-long-integer-key": (other + f"? {long}\n: 1\n", r":\d+: invalid YAML \(an integer of 5000 digits"),
+    }  # fmt: skip
+    for name, (text, match) in long_values.items():
+        case(
+            f"config/{name}",
+            "ConfigError",
+            rf"{name}\.yaml.*{match}",
+            config=write_config(name, None, raw=text),
+        )
+    long_overrides = {
+        "override-long-integer": f"loramoe.rank={long}",
+        "override-long-list": f"loramoe.task_names=[a, {long}]",
+        "override-long-index": f"data.sources.{long}.path=x.jsonl",
+    }
+    for name, arg in long_overrides.items():
+        case(f"config/{name}", "ConfigError", r"an integer of 5000 digits", config=base, overrides=[arg],
+             names="override")  # fmt: skip
     config_case("data-path-dev-zero", "data.sources", ["/dev/zero"], r"/dev/zero.*character device, not a regular file",
                 error="DataError", names="/dev/zero")  # fmt: skip

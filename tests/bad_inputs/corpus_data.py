@@ -182,3 +182,23 @@ def gen_data() -> None:
               source={"format": "alpaca"})  # fmt: skip
     data_case("columns-map-missing", jsonl([{"q": "a", "a": "b", "task_type": 0}]), r"FILE:1\b.*(missing|format)",
               source={"columns": {"question": "question_text", "answer": "a"}})  # fmt: skip
+
+    # --- class: values (integers too long to read, a key given twice) --------------------------------------
+    long = "1" * 5000  # past Python's 4,300-digit limit on int(str)
+    values = {
+        "jsonl-long-integer": (prefix + '{"instruction": "a", "output": "b", "task_type": LONG}\n'.replace("LONG", long),
+                               r"FILE:3\b field 'task_type': an integer of 5000 digits"),
+        "jsonl-long-integer-nested": (prefix + '{"instruction": "a", "output": "b", "task_type": 0, "meta": {"ids": [1, -LONG]}}\n'.replace("LONG", long),
+                                      r"FILE:3\b field 'meta\.ids\[1\]': an integer of 5000 digits"),
+        "jsonl-duplicate-key": (prefix + '{"instruction": "a", "output": "b", "output": "c", "task_type": 0}\n',
+                                r"FILE:3\b field 'output': the key is given twice"),
+        "jsonl-duplicate-nested-key": (prefix + '{"messages": [{"role": "user", "role": "assistant", "content": "a"}], "task_type": 0}\n',
+                                       r"FILE:3\b field 'role': the key is given twice"),
+    }  # fmt: skip
+    for name, (text, match) in values.items():
+        data_case(name, text, match)
+    array = '[\n{"instruction": "a", "output": "b", "task_type": 0},\n{"instruction": "a", "output": "b", %s}\n]\n'
+    data_case("json-long-integer", array % f'"task_type": {long}',
+              r"FILE\[1\]:3 field 'task_type': an integer of 5000 digits", ext="json")  # fmt: skip
+    data_case("json-duplicate-key", array % '"task_type": 0, "task_type": 1',
+              r"FILE\[1\]:3 field 'task_type': the key is given twice", ext="json")  # fmt: skip

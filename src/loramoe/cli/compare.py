@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loramoe.eval.report import compare
+    from loramoe.validation import parse_int
 
-    base: int | str | None = int(args.base) if args.base is not None and args.base.isdigit() else args.base
+    base = args.base
+    if base is not None:
+        index = parse_int(base, "--base")
+        base = index if index is not None and index >= 0 else base
     print(compare(args.results, args.out, base=base, plot=not args.no_plot))
     return 0

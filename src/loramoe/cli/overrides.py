@@ -8,6 +8,7 @@ from typing import Any
 
 from loramoe.errors import ConfigError, TargetError
 from loramoe.files import YAML_FLOAT, parse_yaml
+from loramoe.validation import parse_int, shown
 
 MAX_OVERRIDE_BYTES = 64 << 10
 
@@ -19,37 +20,36 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(
-                f"override {item!r} must look like key=value (e.g. training.learning_rate=1e-4)"
+                f"override {shown(item)} must look like key=value (e.g. training.learning_rate=1e-4)"
             )
-        shown = item if len(item) <= 80 else item[:77] + "..."
-        value = (
-            parse_yaml(raw, f"override {shown!r}", max_bytes=MAX_OVERRIDE_BYTES, or_text=True) if raw else ""
-        )
+        what = f"override {shown(item)}"
+        value = parse_yaml(raw, what, max_bytes=MAX_OVERRIDE_BYTES, or_text=True) if raw else ""
         if isinstance(value, str) and YAML_FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
             value = float(value)
         node: Any = config
         parts = key.split(".")
         for part in parts[:-1]:
             if isinstance(node, list):  # data.sources.0.path: an index into a list
-                node = node[_index(item, part, node)]
+                node = node[_index(what, part, node)]
                 if not isinstance(node, (dict, list)):
-                    raise ConfigError(f"override {item!r}: item {part} is {node!r}, not a section")
+                    raise ConfigError(f"{what}: item {part} is {shown(node)}, not a section")
                 continue
             child = node.setdefault(part, {})
             if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"{what}: {shown(part)} is not a section")
             node = child
         if isinstance(node, list):
-            node[_index(item, parts[-1], node)] = value
+            node[_index(what, parts[-1], node)] = value
         else:
             node[parts[-1]] = value
     return config
 
 
-def _index(item: str, part: str, items: list) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {item!r}: {part!r} is not an index of a list of {len(items)} items")
-    return int(part)
+def _index(what: str, part: str, items: list) -> int:
+    index = parse_int(part, what)
+    if index is None or not 0 <= index < len(items):
+        raise ConfigError(f"{what}: {shown(part)} is not an index of a list of {len(items)} items")
+    return index
 
 
 def with_source(path: str, build: Callable[[Any], Any], raw: Any) -> Any:

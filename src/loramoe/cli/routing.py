@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loramoe.cli._model import add_quantization_arg
 from loramoe.errors import ConfigError
+from loramoe.validation import parse_int, shown
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +44,9 @@ def parse_data_arg(spec: str, task_names: Sequence[str]) -> tuple[str, str, str 
             f"--data {spec!r} must look like name=path[:task_type], e.g. trivia=qa.jsonl:knowledge"
         )
     path, colon, task_type = rest.rpartition(":")
-    if colon and path and (task_type in task_names or task_type.isdigit()):
-        return name, path, int(task_type) if task_type.isdigit() else task_type
+    index = parse_int(task_type, f"--data {shown(spec)}") if colon and path else None
+    if colon and path and (task_type in task_names or (index is not None and index >= 0)):
+        return name, path, index if index is not None else task_type
     return name, rest, None
 
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from loramoe.inject import adapted_modules, disable_experts, experts_spec, get_config
     from loramoe.models.trained import load_trained
 
+    # "" is a selection of no expert, not "none off": refused (by experts_spec) before the model loads
+    experts_off = None if args.experts_off is None else experts_spec(args.experts_off)
     model, tokenizer = load_trained(
         args.adapter, base=args.model, dtype=args.dtype, quantization=args.quantization
     )
@@ -64,11 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.data:
         name, path, task_type = parse_data_arg(spec, names)
         tasks[name] = load_examples(SourceConfig(path=path, name=name, task_type=task_type), names)
-    off = (
-        disable_experts(model, experts_spec(args.experts_off))
-        if args.experts_off
-        else contextlib.nullcontext()
-    )
+    off = disable_experts(model, experts_off) if experts_off is not None else contextlib.nullcontext()
     with off:
         report = routing_report(
             model, tokenizer, tasks, args.out, max_examples=args.max_examples, batch_size=args.batch_size,

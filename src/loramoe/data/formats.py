@@ -9,6 +9,8 @@ Notable decisions:
   ``train.json[12]:40 field 'output': ...`` in a JSON array (0-based record index, then the line the record
   starts on: the array is walked record by record with ``JSONDecoder.raw_decode``); ``name[12]`` for row 12
   of a ``datasets.Dataset``.
+- A key given twice in one record, and an integer of more digits than loramoe reads, are errors naming the file,
+  line and key (``files.StrictDecoder``): JSON parsers keep the last of two keys silently.
 - Task types are ints in ``range(len(task_names))``; records may give the int or the name. The defaults follow
   the reference (arXiv 2312.09979, ``data/tiny_data``): 0 = downstream task, 1 = world knowledge (closed-book
   QA).
@@ -26,7 +28,7 @@ from typing import Any, NamedTuple
 
 from loramoe.config import BINARY_TASK_NAMES
 from loramoe.errors import ConfigError, DataError
-from loramoe.files import check_regular
+from loramoe.files import JSONRefused, StrictDecoder, check_regular
 from loramoe.validation import is_int
 
 # format -> the keys that identify it (checked in this order by detect_format).
@@ -153,7 +155,7 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[
 
 
 def _json_array(text: str, pos: int, path: str) -> list[Row]:
-    decoder = json.JSONDecoder()
+    decoder = StrictDecoder(constants=True)
     rows: list[Row] = []
     line, counted = 1, 0
     pos = _WS.match(text, pos + 1).end()
@@ -165,6 +167,8 @@ def _json_array(text: str, pos: int, path: str) -> list[Row]:
         counted = pos
         try:
             record, pos = decoder.raw_decode(text, pos)
+        except JSONRefused as e:
+            raise DataError(e.problem, path=f"{path}[{len(rows)}]", line=line, field=e.field) from None
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=e.lineno) from None
         except RecursionError:
@@ -187,16 +191,19 @@ def _json_array(text: str, pos: int, path: str) -> list[Row]:
 def _jsonl(text: str, path: str, skip_invalid: bool) -> tuple[list[Row], int]:
     rows: list[Row] = []
     skipped = 0
+    decoder = StrictDecoder(constants=True)
     # split on "\n" only: str.splitlines would also split inside JSON strings holding U+2028 and friends.
     for line, chunk in enumerate(text.split("\n"), start=1):
         if not chunk.strip():
             continue
         try:
-            rows.append((path, line, json.loads(chunk)))
-        except (json.JSONDecodeError, RecursionError) as e:
+            rows.append((path, line, decoder.decode(chunk)))
+        except (json.JSONDecodeError, RecursionError, JSONRefused) as e:
             if skip_invalid:
                 skipped += 1
                 continue
+            if isinstance(e, JSONRefused):
+                raise DataError(e.problem, path=path, line=line, field=e.field) from None
             msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
             raise DataError(
                 f"malformed JSONL line: {msg}; each line must be one JSON object", path=path, line=line

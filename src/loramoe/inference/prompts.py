@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from loramoe.errors import DataError
-from loramoe.files import check_regular
+from loramoe.files import JSONRefused, StrictDecoder, check_regular
 
 # Record fields that hold a prompt, in order of preference; "input" is appended to "instruction".
 PROMPT_FIELDS = ("prompt", "instruction", "question")
@@ -64,19 +64,24 @@ def _jsonl_prompts(text: str, path: str) -> list[str]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg}", path=path, line=number) from None
-        prompts.append(_record_prompt(record, path, number))
+        prompts.append(_record_prompt(_decode(line, path, number), path, number))
     return prompts
 
 
-def _json_prompts(text: str, path: str) -> list[str]:
+def _decode(text: str, path: str, line: int | None) -> object:
+    """One JSON value, with the same refusals as training data (``StrictDecoder``); errors name the line."""
     try:
-        records = json.loads(text)
+        return StrictDecoder(constants=True).decode(text)
+    except JSONRefused as e:
+        raise DataError(e.problem, path=path, line=line, field=e.field) from None
     except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg}", path=path, line=e.lineno) from None
+        raise DataError(f"invalid JSON: {e.msg}", path=path, line=line or e.lineno) from None
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply", path=path, line=line) from None
+
+
+def _json_prompts(text: str, path: str) -> list[str]:
+    records = _decode(text, path, None)
     if not isinstance(records, list):
         raise DataError(f"a .json prompt file must hold a list, found {type(records).__name__}", path=path)
     return [_record_prompt(record, path, number) for number, record in enumerate(records, start=1)]
