@@ -104,7 +104,7 @@ def measure(shape, tokens, device, dtype, compile_backend, repeats: int) -> dict
 def sync_free_step(device: torch.device, dtype: torch.dtype) -> dict:
     """One eager fwd+bwd with per-expert dropout under CUDA's sync debug mode "error"."""
     if device.type != "cuda":
-        return {"checked": False, "why": "set_sync_debug_mode exists for CUDA only (tests/test_compile.py proves it on CPU)"}  # fmt: skip
+        return {"checked": False, "why": "set_sync_debug_mode exists for CUDA only (tests/unit/test_compile.py proves it on CPU)"}  # fmt: skip
     base = nn.Linear(512, 1024, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
     layer = LoRAMoELinear(base, num_experts=EXPERTS, rank=RANK, alpha=ALPHA, dropout=DROPOUT).train()
     x = torch.randn(4, 256, 512, device=device, dtype=dtype, requires_grad=True)

@@ -48,7 +48,7 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    backward (`_kernels._SparseExpertInput`); autograd keeps int32 index lists, not masks. A fixed number of gaps is
    drawn (8 standard deviations above the expected count, the overshoot pointing at a sentinel), so no count is
    read on the host. Same distribution (except with probability below 1e-15 per call), and values and gradients
-   equal to explicit masks (both checked in `tests/test_kernels.py`).
+   equal to explicit masks (both checked in `tests/unit/test_kernels.py`).
 2. **Shared dropout** draws the dropped positions the same way and zeroes them in one copy of x (`index_fill`, on
    a copy one slot longer that absorbs the sentinel);
    backward zeroes the same positions of the gradient. No dense Bernoulli pass and no noise tensor (PEFT keeps both).
@@ -78,7 +78,7 @@ forward (layer-level adapter cost, 1536 -> 576 and 576 -> 1536, 1024 tokens):
    under `torch.compile` top-k takes the dense-masked form, which has no sync and, at R = 4, is the faster one.
 8. **No host-device sync in a training step**: nothing in the layer, the LBC or the router recorder reads a tensor's
    value on the host (proved by running a whole step on the `meta` device, where any such read raises), and the
-   layer compiles with `fullgraph=True` to the eager values and gradients (`tests/test_compile.py`). On the CPU the
+   layer compiles with `fullgraph=True` to the eager values and gradients (`tests/unit/test_compile.py`). On the CPU the
    per-expert dropout keeps MKL's CSR product (the fastest measured there); compiled or on an accelerator it is an
    `index_add` with the same draws.
 """
@@ -87,13 +87,13 @@ SCALING_OUT = """## Scaling out: what was verified where
 
 | what | where | how |
 |---|---|---|
-| training step without host syncs (dense, per-expert / shared dropout, top-k) | CPU-tested | `meta`-device step and `fullgraph=True` compile (`aot_eager`), `tests/test_compile.py` |
+| training step without host syncs (dense, per-expert / shared dropout, top-k) | CPU-tested | `meta`-device step and `fullgraph=True` compile (`aot_eager`), `tests/unit/test_compile.py` |
 | same on a GPU (`torch.cuda.set_sync_debug_mode("error")`), inductor speed | GPU-ready, not run | `scripts/gpu_check.sh` (`benchmarks/device_bench.py`); no GPU is lent to this project |
-| FSDP2 (`fully_shard`), 2 ranks against 1 process, adapter saved whole from shards | CPU-tested (gloo) | `tests/test_distributed.py`, `tests/scripts/fsdp_train.py`: losses and adapters bit-identical |
+| FSDP2 (`fully_shard`), 2 ranks against 1 process, adapter saved whole from shards | CPU-tested (gloo) | `tests/unit/test_distributed.py`, `tests/scripts/fsdp_train.py`: losses and adapters bit-identical |
 | FSDP through `accelerate launch` (shipped config) | GPU-ready, not run; refused on the CPU | accelerate 1.16 enables FSDP only on accelerators and would run DDP; loramoe stops with that reason |
-| DeepSpeed ZeRO-2/3 | not runnable here; configs validated | DeepSpeed's schema (`DeepSpeedConfig`) in `tests/test_recipe.py`; accelerate refuses it on the CPU and its CPU backend JIT-compiles a C++ op |
-| bfloat16 base with float32 adapters, bfloat16 autocast | CPU-tested (tiny model) | `tests/test_half_precision.py`, tolerances stated there |
-| the paper-scale recipe (LLaMA-2-7B, 8 x rank 4, bf16) | dry run on a tiny LLaMA | `tests/test_recipe.py`; the run itself needs 8 GPUs |
+| DeepSpeed ZeRO-2/3 | not runnable here; configs validated | DeepSpeed's schema (`DeepSpeedConfig`) in `tests/unit/test_recipe.py`; accelerate refuses it on the CPU and its CPU backend JIT-compiles a C++ op |
+| bfloat16 base with float32 adapters, bfloat16 autocast | CPU-tested (tiny model) | `tests/unit/test_half_precision.py`, tolerances stated there |
+| the paper-scale recipe (LLaMA-2-7B, 8 x rank 4, bf16) | dry run on a tiny LLaMA | `tests/unit/test_recipe.py`; the run itself needs 8 GPUs |
 """
 
 PER_EXPERT_WHY = """Why per-expert dropout misses: it is N = 6 independent masks per adapted linear (the reference's

@@ -1,4 +1,4 @@
-"""Private fast paths of ``LoRAMoELinear``; tests/test_kernels.py checks each against plain dense masks and loops.
+"""Private fast paths of ``LoRAMoELinear``; tests/unit/test_kernels.py checks each against plain dense masks and loops.
 
 Shape names (M, D, O, N, R, H, k, S, P) as defined once in layer.py's legend.
 

@@ -1,7 +1,7 @@
 """Write the generated half of the bad-input corpus: ``generated/`` and ``generated_cases.json``.
 
 Run from the repository root: ``.venv/bin/python tests/bad_inputs/make_corpus.py`` (deterministic; commit the
-result). The hand-written half is ``hand/`` and ``hand_cases.json``; ``tests/test_reliability_corpus.py`` runs
+result). The hand-written half is ``hand/`` and ``hand_cases.json``; ``tests/guarantees/test_bad_input_corpus.py`` runs
 both.
 
 A case is one manifest entry:

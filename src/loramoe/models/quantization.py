@@ -12,7 +12,7 @@ Design decisions:
   ``gradient_checkpointing_enable`` (which the Trainer calls).
 - transformers' Trainer refuses a quantized model unless PEFT adapters are attached; LoRAMoE layers are attached
   adapters, so ``adapters_attached`` tells it so while a Trainer is built (a private flag, held for that moment
-  only; ``tests/test_quantization.py`` checks the stock Trainer still refuses without it).
+  only; ``tests/unit/test_quantization.py`` checks the stock Trainer still refuses without it).
 - bitsandbytes is optional (``pip install 'loramoe[quant]'``) and imported only when a quantized base is asked for.
 """
 

@@ -18,7 +18,7 @@ Design decisions:
   statistics are a callback. Private methods remain only where transformers has no public hook: the checkpoint
   folder (``_save_checkpoint``, ``_get_output_dir``), the gradient norm before the step (``_get_grad_norm``), the
   model files given the state gathered under FSDP / ZeRO-3 (``_save``) and loading them on resume
-  (``_load_from_checkpoint``). ``tests/test_trainer_contract.py`` pins each one's signature and behaviour; it
+  (``_load_from_checkpoint``). ``tests/unit/test_trainer_contract.py`` pins each one's signature and behaviour; it
   decides the upper bound on transformers in pyproject.toml.
 """
 

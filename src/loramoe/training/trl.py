@@ -11,7 +11,7 @@ Design decisions:
 - The subclass is what TRL asks for (its ``compute_loss_func`` is deprecated in favour of overriding
   ``compute_loss``). The LM term is TRL's own ``compute_loss`` (fused LM head, ``loss_type``, its token metrics);
   ``loramoe.compute_loss`` records the routers around it and adds the LBC, scaled as ``LoRAMoETrainer`` scales it,
-  so both trainers give the same loss on the same batch (``tests/test_trl.py``).
+  so both trainers give the same loss on the same batch (``tests/unit/test_trl.py``).
 - Task types reach the loss through the collator (``TaskTypeCollator`` around the one TRL builds), never the layers;
   ``remove_unused_columns`` is turned off so the Trainer keeps the column. Packing and padding-free batches join
   samples into one row, which leaves no per-sample type, so they are refused, as are a ``compute_loss_func`` and

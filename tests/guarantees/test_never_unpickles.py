@@ -7,7 +7,9 @@ opt-in reads tensors only: a payload never runs. Shared setup: ``guarantees_help
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -123,3 +125,37 @@ def test_allow_pickle_reads_tensors_only(root, tmp_path, capsys):
     line = cli_error(capsys, ["generate", "--adapter", str(full), "--allow-pickle", "--prompt", "hi"])
     assert "full" in line
     assert not marker.exists()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _torch_load_calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if (
+                name == "load"
+                and isinstance(func, ast.Attribute)
+                and getattr(func.value, "id", "") == "torch"
+            ):
+                yield node
+
+
+def test_src_never_calls_torch_load_without_weights_only():
+    sources = sorted((REPO / "src").rglob("*.py"))
+    assert sources
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        for call in _torch_load_calls(tree):
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in call.keywords
+            )
+            assert safe, f"{path}:{call.lineno}: torch.load without weights_only=True"
+        # no aliases or pickle-based loaders either
+        assert not re.search(
+            r"from torch import .*\bload\b|\bpickle\.loads?\(|\bdill\b|numpy\.load\(.*allow_pickle=True", text
+        ), path

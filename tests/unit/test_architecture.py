@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "loramoe"
+SRC = Path(__file__).resolve().parents[2] / "src" / "loramoe"
 
 CORE = {
     "config", "layer", "inject", "routing", "loss", "adapter", "errors", "files", "validation", "weights", "hub", "card",

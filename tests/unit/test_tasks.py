@@ -71,7 +71,7 @@ def test_data_dir_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=DATA_DIR_ENV):
         resolve_data_dir()
-    # With neither, the pinned sources are used: tests/test_task_sources.py.
+    # With neither, the pinned sources are used: tests/unit/test_task_sources.py.
 
 
 def test_check_data_names_the_missing_file(tmp_path: Path) -> None:

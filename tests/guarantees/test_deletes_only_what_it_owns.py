@@ -27,7 +27,7 @@ from loramoe.training.train import train
 
 from guarantees_helpers import cli_error, config, make_root, owned_run, tree
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "loramoe"
+SRC = Path(__file__).resolve().parents[2] / "src" / "loramoe"
 
 
 @pytest.fixture(scope="module")

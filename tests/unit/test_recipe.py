@@ -24,7 +24,7 @@ from loramoe.training.train import prepare_model
 
 from tiny import tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "configs" / "paper_llama2_7b.yaml"
 ACCELERATE = ROOT / "examples" / "accelerate"
 # transformers refuses bf16 without a GPU unless use_cpu is set: the only change the dry run makes.

@@ -33,7 +33,7 @@ from trl import SFTConfig  # noqa: E402
 
 from loramoe.training.trl import LoRAMoESFTTrainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = [
     {"prompt": "Say hi. ", "completion": "hi", "task_type": "downstream"},
     {"prompt": "Say bye. ", "completion": "bye", "task_type": "downstream"},

@@ -18,7 +18,7 @@ from loramoe.eval.tasks import DATA_DIR_ENV, TASKS, check_data, resolve_data_dir
 
 datasets = pytest.importorskip("datasets")
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 SST2 = ["loramoe_sst2"]
 
 

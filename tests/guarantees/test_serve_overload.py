@@ -123,7 +123,7 @@ def test_the_load_benchmark_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "bench.json"
     command = [
         sys.executable,
-        str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve_bench.py"),
+        str(Path(__file__).resolve().parents[2] / "benchmarks" / "serve_bench.py"),
         "--tiny",
     ]
     command += [

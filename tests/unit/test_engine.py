@@ -16,7 +16,7 @@ from loramoe.eval.metrics import alias_contained, regex_match
 
 from tiny import tiny_model, tiny_tokenizer
 
-EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "forgetting"
+EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "forgetting"
 
 
 def _experiment(module: str):

@@ -18,7 +18,7 @@ from loramoe.training.checkpoints import COMPLETE_MARKER, OWNER_MARKER, latest_g
 
 from tiny import tiny_model, tiny_tokenizer
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_train.py"
 BIN = Path(sys.executable).parent
 
 
@@ -80,8 +80,8 @@ def test_two_processes_agree_and_the_saved_adapter_loads(run_dir: Path, launcher
     assert latest_good_checkpoint(run_dir / "out") == str(run_dir / "out" / "checkpoint-4")
 
 
-FSDP_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
-ROOT = Path(__file__).resolve().parent.parent
+FSDP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fsdp_train.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fsdp2_two_processes_match_one_process_and_save_a_whole_adapter(tmp_path: Path) -> None:
