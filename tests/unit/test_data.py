@@ -21,7 +21,9 @@ from loramoe.errors import ConfigError, DataError
 from tiny import tiny_model, tiny_tokenizer
 
 # Twelve records of the reference repository's own sample file, in its exact format (tests/fixtures/data/README.md).
-LORAMOE_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "loramoe_tiny" / "train" / "train.json"
+LORAMOE_TINY = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "data" / "loramoe_tiny" / "train" / "train.json"
+)
 # The whole file (1,565 records), when a local data directory holds it.
 REAL_LORAMOE_TINY = (
     Path(os.environ.get("LORAMOE_DATA_DIR", "/nonexistent")) / "loramoe_tiny" / "train" / "train.json"

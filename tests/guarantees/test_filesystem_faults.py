@@ -21,7 +21,7 @@ from loramoe.training.train import train
 
 from guarantees_helpers import config, make_root, owned_run
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
