@@ -3,8 +3,11 @@ loopback port serving one of them (loaded the way ``loramoe generate`` loads it)
 
 Those modules test ``loramoe serve`` against real clients (the official ``openai`` client and raw HTTP, httpx):
 ``test_serve_clients`` (the OpenAI client, server-sent events), ``test_serve_batching`` (batching and equality with
-``loramoe generate``), ``test_serve_requests`` (auth and bad requests), ``test_serve_overload`` (overload, timeouts,
-SIGTERM, the load benchmark) and ``test_serve_decoding`` (text streaming and the batched decoder).
+``loramoe generate``) and ``test_serve_decoding`` (text streaming and the batched decoder) in ``unit/``;
+``test_serve_bad_requests`` (auth and bad requests), ``test_serve_isolation`` (one request never harms its batch),
+``test_serve_overload`` (overload, timeouts, SIGTERM, the load benchmark) and ``test_serve_never_waits`` (hang-ups,
+slow clients, idle sockets, bad flags, a dead decoder) in ``guarantees/``. The server runs with ``serve``'s own
+uvicorn settings (``uvicorn_config``: its protocol, timeouts and connection limit).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from loramoe.models.base import load_base
 from loramoe.models.trained import load_trained
 from loramoe.serve.app import build_app
 from loramoe.serve.config import ServeConfig
+from loramoe.serve.server import uvicorn_config
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -69,7 +73,7 @@ class Running:
     def __init__(self, app, sock: socket.socket):
         self.app, self.state = app, app.state.serve
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 
     def client(self, api_key: str = "none") -> openai.OpenAI:

@@ -39,12 +39,18 @@ def run(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
     if not values["model_name"]:
         values["model_name"] = Path(args.adapter or args.model or "").name
-    config = ServeConfig(**values)  # checked before the slow model load
-    missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'loramoe[serve]'")
-    from loramoe.serve.app import serve
+    try:  # every setting, and the address, checked before the slow model load
+        config = ServeConfig(**values)
+        sock = config.bind()
+    except ConfigError as err:
+        field, _, rest = str(err).partition(" ")
+        raise ConfigError(f"--{field.replace('_', '-')} {rest}" if field in values else str(err)) from None
+    with sock:
+        missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'loramoe[serve]'")
+        from loramoe.serve.server import serve
 
-    model, tokenizer = load_model(args)
-    serve(model, tokenizer, config)
+        model, tokenizer = load_model(args)
+        serve(model, tokenizer, config, sock=sock)
     return 0

@@ -1,4 +1,4 @@
-"""The ASGI application (Starlette) and ``serve``, which runs it with uvicorn.
+"""The ASGI application (Starlette); ``server.serve`` runs it.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (and ``/v1/models/{id}``),
 ``GET /health``. Everything under ``/v1`` needs the API key when one is set; ``/health`` never does, so a load
@@ -11,6 +11,9 @@ Design decisions:
 - The API key is compared with ``hmac.compare_digest`` (time independent of where the strings differ).
 - A request's ``timeout`` covers waiting and decoding; past it the request leaves the batch, and the client gets a
   504 (or, when streaming, an error event).
+- A client that hangs up gives up its request: a stream notices when its next event cannot be sent, a plain
+  request by watching for the disconnect while it waits; either way the request leaves the queue or the batch.
+- When the decoding thread has died, ``/health`` answers 503 and every request a 503 at once.
 - SIGTERM (or Ctrl-C): the listening socket closes, requests still arriving on open connections get 503, admitted
   requests run to their end, then the decoding thread stops and the process exits.
 """
@@ -23,12 +26,10 @@ import hmac
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -38,7 +39,7 @@ from starlette.routing import Route
 from loramoe.inference.encoding import encode_chat, encode_prompt
 from loramoe.inference.loop import Completion, TokenLoop
 from loramoe.models.base import context_length
-from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown
+from loramoe.serve.batcher import Batcher, Failed, Job, Overloaded, ShuttingDown, Stopped
 from loramoe.serve.config import ServeConfig
 from loramoe.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, parse, sampling
 from loramoe.serve.reading import read_json
@@ -119,10 +120,18 @@ def _endpoint(handler: Callable[[Request, ServerState], Awaitable[Response]]) ->
             state.authorize(request)
             return await handler(request, state)
         except APIError as err:
-            headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-            return JSONResponse(err.body(), status_code=err.status, headers=headers)
+            return JSONResponse(err.body(), status_code=err.status, headers=_HEADERS.get(err.status))
 
     return route
+
+
+_HEADERS = {
+    429: {"Retry-After": "1"},
+    503: {"Retry-After": "1"},
+    # The body was not read to its end: the connection cannot carry another request.
+    408: {"Connection": "close"},
+    413: {"Connection": "close"},
+}
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -142,13 +151,18 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.serve
+    batcher = state.batcher
+    status = "ok" if batcher.alive else "decoder stopped"
     body = {
-        "status": "shutting down" if state.draining else "ok",
+        "status": "shutting down" if state.draining else status,
         "model": state.model_name,
-        "running": state.batcher.running,
-        "waiting": state.batcher.waiting,
+        "running": batcher.running,
+        "waiting": batcher.waiting,
+        "abandoned": batcher.abandoned,
     }
-    return JSONResponse(body, status_code=503 if state.draining else 200)
+    if batcher.failure is not None:
+        body["error"] = batcher.failure
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -175,23 +189,33 @@ def _check_model(name: str, state: ServerState) -> None:
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
-    req: ChatRequest = parse(ChatRequest, await read_json(request, state.config.max_body_bytes))
+    req: ChatRequest = parse(ChatRequest, await _body(request, state))
     _check_model(req.model, state)
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(
             400, "this model's tokenizer has no chat template; use /v1/completions", param="messages"
         )
-    return await _generate(state, req, "chat", encode_chat(state.tokenizer, req.chat_messages()), "messages")
+    prompt_ids = encode_chat(state.tokenizer, req.chat_messages())
+    return await _generate(request, state, req, "chat", prompt_ids, "messages")
 
 
 async def completions(request: Request, state: ServerState) -> Response:
-    req: CompletionRequest = parse(CompletionRequest, await read_json(request, state.config.max_body_bytes))
+    req: CompletionRequest = parse(CompletionRequest, await _body(request, state))
     _check_model(req.model, state)
-    return await _generate(state, req, "text", encode_prompt(state.tokenizer, req.text()), "prompt")
+    return await _generate(request, state, req, "text", encode_prompt(state.tokenizer, req.text()), "prompt")
+
+
+async def _body(request: Request, state: ServerState) -> Any:
+    return await read_json(request, state.config.max_body_bytes, state.config.read_timeout)
 
 
 async def _generate(
-    state: ServerState, req: ChatRequest | CompletionRequest, kind: str, prompt_ids: list[int], param: str
+    request: Request,
+    state: ServerState,
+    req: ChatRequest | CompletionRequest,
+    kind: str,
+    prompt_ids: list[int],
+    param: str,
 ) -> Response:
     if not prompt_ids:
         raise APIError(400, "the prompt has no tokens", param=param)
@@ -224,6 +248,8 @@ async def _generate(
         raise APIError(
             503, "the server is shutting down", type="server_error", code="shutting_down"
         ) from None
+    except Stopped as err:
+        raise APIError(503, str(err), type="server_error", code="decoder_stopped") from None
     reply = Reply(kind, state.model_name, token_ids=req.return_token_ids)
     deadline = job.arrived + config.timeout
     if req.stream:
@@ -234,17 +260,44 @@ async def _generate(
             headers={"Cache-Control": "no-cache"},
         )
     try:
-        async for event in _events(job, deadline):
-            if isinstance(event, Failed):
-                raise APIError(event.status, event.message, type=_error_type(event.status))
-            if isinstance(event, Completion):
-                return JSONResponse(reply.full(event))
+        event = await _answer(request, job, deadline)
     except TimeoutError:
         raise APIError(504, f"the request took over {config.timeout:g} s", type="timeout_error") from None
     finally:
         # A no-op once the job finished; frees its place when the client left or timed out.
         state.batcher.cancel(job)
-    raise AssertionError("the event stream ended without a Completion")
+    if isinstance(event, Completion):
+        return JSONResponse(reply.full(event))
+    if isinstance(event, Failed):
+        raise APIError(event.status, event.message, type=_error_type(event.status))
+    return Response(status_code=499)  # the client hung up: nobody reads this
+
+
+async def _answer(request: Request, job: Job, deadline: float) -> Completion | Failed | None:
+    """A plain (not streamed) job's answer, or None when its client hangs up first; ``TimeoutError`` at the
+    deadline."""
+    answer = asyncio.ensure_future(
+        job.events.get()
+    )  # a plain job gets no text events: the first is the answer
+    hangup = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait(
+            (answer, hangup), timeout=max(deadline - time.monotonic(), 0), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        answer.cancel()
+        hangup.cancel()
+    if answer.done() and not answer.cancelled():
+        return answer.result()
+    if hangup.done() and not hangup.cancelled():
+        return None
+    raise TimeoutError
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(job: Job, deadline: float) -> AsyncIterator[str | Completion | Failed]:
@@ -287,41 +340,3 @@ def _error_type(status: int) -> str:
 
 def _data(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-def serve(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    config: ServeConfig,
-    *,
-    sock: socket.socket | None = None,
-) -> None:
-    """Serve ``model`` over HTTP until SIGTERM or Ctrl-C, then finish the admitted requests and return.
-
-    Args:
-        model: a causal LM (plain, LoRAMoE-adapted or PEFT) and
-        tokenizer: its tokenizer.
-        config: the server's settings.
-        sock: an already bound socket to serve on instead of ``config.host`` / ``config.port``.
-    """
-    app = build_app(model, tokenizer, config)
-    uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        timeout_graceful_shutdown=int(config.timeout) + 5,
-        log_level="info",
-    )
-    _Server(uv_config, app.state.serve).run(sockets=[sock] if sock is not None else None)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, which also marks the app as draining the moment a shutdown signal arrives."""
-
-    def __init__(self, config: Any, state: ServerState):
-        super().__init__(config)
-        self.serve_state = state
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.serve_state.draining = True
-        super().handle_exit(sig, frame)

@@ -16,6 +16,10 @@ Design decisions:
 - ``wait_for`` lets a caller (a test, a health probe) wait on the batcher's state without reading its internals:
   every change of the queue or the batch wakes it.
 - ``close`` lets the worker finish everything admitted before it exits (graceful shutdown).
+- A worker that dies (anything escaping a step: a failed forward only fails its rows, but a bug or a
+  ``BaseException`` ends the thread) answers every admitted request with a 503 and sets ``failure``; from then on
+  ``submit`` raises ``Stopped``, so requests fail at once instead of waiting for their timeout, and the server's
+  health check fails.
 """
 
 from __future__ import annotations
@@ -43,9 +47,14 @@ class ShuttingDown(Exception):
     """The server is shutting down and takes no new requests."""
 
 
+class Stopped(Exception):
+    """The decoding thread died; nothing more can be decoded."""
+
+
 @dataclass
 class Failed:
-    """The request failed; ``message`` says why, ``status`` is 400 for its own settings and 500 otherwise."""
+    """The request failed; ``message`` says why, ``status`` is 400 for its own settings, 503 when the decoding
+    thread died, and 500 otherwise."""
 
     message: str
     status: int = 500
@@ -103,6 +112,9 @@ class Batcher:
         self._jobs: dict[int, Job] = {}  # id(request) -> job, for the batch being decoded
         self.steps = 0  # decoding steps (forwards of the running batch) so far
         self.joins = 0  # times requests joined the batch (prefills) so far
+        # Requests given up (client gone or timed out) that left the queue or the batch unanswered.
+        self.abandoned = 0
+        self.failure: str | None = None  # why the decoding thread died
         self._thread = threading.Thread(target=self._work, name="loramoe-serve-decoder", daemon=True)
         self._thread.start()
 
@@ -121,8 +133,11 @@ class Batcher:
         Raises:
             Overloaded: ``max_queue`` requests are already waiting.
             ShuttingDown: ``close`` was called.
+            Stopped: the decoding thread died.
         """
         with self._wake:
+            if self.failure is not None:
+                raise Stopped(self.failure)
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
@@ -139,6 +154,7 @@ class Batcher:
             job.cancelled = True
             if job in self._waiting:
                 self._waiting.remove(job)
+                self.abandoned += not job.done
             self._wake.notify_all()
 
     def wait_for(self, condition: Callable[[Batcher], bool], timeout: float) -> bool:
@@ -154,19 +170,41 @@ class Batcher:
             self._wake.notify_all()
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether requests can still be decoded (false once the decoding thread died)."""
+        return self.failure is None and (self._thread.is_alive() or self._closing)
+
     def _work(self) -> None:
-        with self.loop.session():
-            while True:
-                joining = self._take()
-                if joining is None:
-                    return
-                if joining:
-                    self._decode(self.loop.add, joining)
-                    self.joins += 1
-                if self.loop.active:
-                    self._decode(self.loop.step)
-                    self.steps += 1
-                self._forget_finished()
+        joining: list[Job] | None = []
+        try:
+            with self.loop.session():
+                while True:
+                    joining = self._take()
+                    if joining is None:
+                        return
+                    if joining:
+                        self._decode(self.loop.add, joining)
+                        self.joins += 1
+                    if self.loop.active:
+                        self._decode(self.loop.step)
+                        self.steps += 1
+                    self._forget_finished()
+        except BaseException as err:  # the thread ends here whatever it was: say so to everyone waiting
+            logger.critical(
+                "the decoding thread stopped; the server cannot answer any more requests", exc_info=True
+            )
+            self._die(f"{type(err).__name__}: {err}", joining or [])
+
+    def _die(self, reason: str, taken: list[Job]) -> None:
+        with self._wake:
+            self.failure = f"the decoding thread stopped ({reason}); restart the server"
+            jobs = [*taken, *self._waiting, *self._jobs.values()]
+            self._waiting.clear()
+            self._wake.notify_all()
+        for job in jobs:
+            if not job.done:
+                job.send(Failed(self.failure, 503))
 
     def _decode(self, run: Callable, joining: list[Job] | None = None) -> None:
         """One prefill (``joining``) or step; a failed forward fails the requests it ran and the server carries on."""
@@ -188,6 +226,8 @@ class Batcher:
     def _forget_finished(self) -> None:
         with self._wake:
             active = {id(r) for r in self.loop.active}
+            left = [job for key, job in self._jobs.items() if key not in active]
+            self.abandoned += sum(job.cancelled and not job.done for job in left)
             self._jobs = {key: job for key, job in self._jobs.items() if key in active}
             self._wake.notify_all()
 

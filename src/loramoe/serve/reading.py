@@ -2,7 +2,8 @@
 
 Design decisions:
 
-- The body is read up to ``max_body_bytes`` (413 beyond it, checked while reading, not after).
+- The body is read up to ``max_body_bytes`` (413 beyond it, checked while reading, not after) within
+  ``read_timeout`` seconds (408 past it), so a client sending one byte now and then cannot hold a request open.
 - JSON is parsed without NaN or Infinity, then walked once, iteratively, so that nesting deeper than
   ``MAX_DEPTH`` (no request needs more than four levels) and strings that are not valid Unicode (a lone surrogate
   such as ``"\\ud800"``, which no tokenizer can take) are 400s naming where they are, before any other code sees the
@@ -11,17 +12,31 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from loramoe.files import MAX_DEPTH
 from loramoe.serve.protocol import APIError
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, read up to ``limit`` bytes (413 beyond it, 400 for anything that is not JSON)."""
+async def read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The body as JSON, read up to ``limit`` bytes within ``timeout`` seconds (413 beyond the size, 408 past the
+    time, 400 for anything that is not JSON or a client that left before the end of its body)."""
+    try:
+        body = await asyncio.wait_for(_read(request, limit), timeout)
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+        raise APIError(
+            408, f"the request body did not arrive within {timeout:g} s", code="request_timeout"
+        ) from None
+    except ClientDisconnect:
+        raise APIError(400, "the client closed the connection before the end of its body") from None
+    return parse_json(body)
+
+
+async def _read(request: Request, limit: int) -> bytes:
     too_large = APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -31,7 +46,7 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise too_large
-    return parse_json(bytes(body))
+    return bytes(body)
 
 
 def parse_json(body: bytes) -> Any:
