@@ -33,6 +33,7 @@ from torch import nn
 from loramoe._version import __version__
 from loramoe.card import write_model_card
 from loramoe.config import LoRAMoEConfig
+from loramoe.dirlock import held_if_locked
 from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
 from loramoe.hub import adapter_folder
@@ -127,19 +128,21 @@ def save_adapter(
     identity = base_identity(model)
     if base_name_or_path is not None:
         identity["name_or_path"] = str(base_name_or_path)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        digest = sha256_file(tmp)
-    meta = {
-        "format": "loramoe",
-        "format_version": FORMAT_VERSION,
-        "loramoe_version": __version__,
-        "config": cfg.to_dict(),
-        "base_model": identity,
-        "weights_sha256": digest,
-    }
-    atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    write_model_card(out, data=data_summary, results=results)
+    # A training run's output directory is written only by the process holding its lock (the run itself).
+    with held_if_locked(out, what="adapter directory", error=AdapterError):
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            digest = sha256_file(tmp)
+        meta = {
+            "format": "loramoe",
+            "format_version": FORMAT_VERSION,
+            "loramoe_version": __version__,
+            "config": cfg.to_dict(),
+            "base_model": identity,
+            "weights_sha256": digest,
+        }
+        atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_model_card(out, data=data_summary, results=results)
     return out
 
 

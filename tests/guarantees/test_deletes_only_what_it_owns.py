@@ -79,6 +79,38 @@ def test_a_foreign_checkpoint_inside_a_loramoe_run_is_never_deleted(root, tmp_pa
     assert (impostor / OWNER_MARKER).is_file()
 
 
+def test_a_copied_marker_or_run_config_does_not_make_a_folder_loramoe_s(root, tmp_path, capsys):
+    """The owner marker names the inode of the directory it was written in: copied into a user's folder (with the
+    run config), it proves nothing there, and the folder is refused untouched. A whole run copied elsewhere still
+    resumes: its complete checkpoints prove the run, and the claim records the new inode."""
+    run = tmp_path / "run"
+    owned_run(root, run)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    (mine / "README.md").write_text("my own adapter\n")
+    shutil.copy(run / "loramoe_run.json", mine)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, mine)))
+    for copied in ("loramoe_run.json", OWNER_MARKER):
+        shutil.copy(run / copied, mine)
+        before = tree(mine)
+        for resume in (False, True):
+            with pytest.raises(
+                ConfigError, match=r"holds files loramoe did not write \(README\.md, adapter_model"
+            ):
+                train(RunConfig.from_dict(config(root, mine)), resume=resume)
+            line = cli_error(capsys, ["train", str(cfg), *(["--resume"] if resume else [])])
+            assert "did not write" in line and (copied != OWNER_MARKER or "proves nothing here" in line), line
+        assert tree(mine) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    train(RunConfig.from_dict(config(root, copy, max_steps=6)), resume=True)
+    assert latest_good_checkpoint(copy) == str(copy / "checkpoint-6")
+    marker, original = (json.loads((d / OWNER_MARKER).read_text()) for d in (copy, run))
+    assert marker["run_id"] == original["run_id"] and marker["directory"] != original["directory"]
+
+
 class Killed(BaseException):
     """Stands for SIGKILL at one chosen moment: nothing after it runs, no handler catches it."""
 

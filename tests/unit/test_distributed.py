@@ -144,3 +144,20 @@ def test_accelerate_launch_with_the_shipped_fsdp_config_names_why_it_cannot_shar
     assert proc.returncode != 0
     assert "asks for FSDP, but accelerate runs this job as MULTI_CPU" in proc.stderr
     assert not (run_dir / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_locked_output_directory_stops_every_rank_with_the_lock_error(run_dir: Path) -> None:
+    # Only rank 0 takes the lock; the other rank learns the outcome and stops with the same error, instead of
+    # going on alone and waiting forever for rank 0 in the next collective.
+    from loramoe.dirlock import DirectoryLock
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "loramoe", "train", str(run_dir / "cfg.yaml")]  # fmt: skip
+    with DirectoryLock(run_dir / "out"):  # another process (this one) is writing there
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "loramoe train: error:" in line]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    busy = f"is in use by another loramoe process (pid {os.getpid()} on "
+    assert all(busy in line for line in lines), lines
+    assert sorted(p.name for p in (run_dir / "out").iterdir()) == [".loramoe.lock"]  # nothing else written

@@ -1,7 +1,14 @@
 """Checkpoints that survive crashes, and ownership: loramoe deletes only what it wrote and verified.
 
-Ownership. A run claims its output directory once, by writing ``loramoe_owner.json`` (a random run id) into a new
-or empty directory; a directory that holds other files and no such marker is refused before anything is written.
+Ownership. A run claims its output directory once, by writing ``loramoe_owner.json`` (a random run id, and the
+directory's device and inode number) into a new or empty directory; a directory that holds other files and no
+marker proving it is loramoe's is refused before anything is written. The marker proves the directory only where
+it was written: a copy of it in another folder names another inode, so copying the marker (or the run config
+``loramoe_run.json``) into a folder does not make loramoe write over that folder's files. A marker without a
+matching inode (written by an earlier loramoe, or a whole run copied or moved to another file system) still proves
+the directory when a complete checkpoint of its run is there, which a copied marker alone does not bring; the
+claim then records the directory's own inode. The claim is made under the directory's lock (``loramoe.dirlock``),
+held by ``train`` until its final save, so no two processes write one directory at a time.
 Before the Trainer writes a ``checkpoint-N`` folder, the same marker (with the run id) is written into it first.
 A folder counts as this run's only when its marker names this run's id; a checkpoint written by an earlier loramoe
 (no owner marker) counts when its completion marker verifies. Every deletion goes through ``_remove_owned``, which
@@ -27,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+from loramoe.dirlock import LOCK_FILE
 from loramoe.errors import ConfigError, LoRAMoEError, TrainingError
 from loramoe.files import atomic_write_text, fsync_dir, leftover_temp_files, read_json, sha256_file
 
@@ -36,8 +44,11 @@ COMPLETE_MARKER = "loramoe_complete.json"
 OWNER_MARKER = "loramoe_owner.json"
 LEGACY_RUN_FILE = "loramoe_run.json"  # an output directory an earlier loramoe (before owner markers) wrote
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# What a claim killed half way leaves in a new directory: the owner marker's temporary file, or the probe file.
-_CLAIM_LEFTOVER = re.compile(rf"^(\.{re.escape(OWNER_MARKER)}\..*\.tmp|\.loramoe-probe-\d+)$")
+# What a claim killed half way leaves in a new directory: the owner marker's temporary file, or the probe file;
+# and the lock file, which a process that lost the race for the directory may have created.
+_CLAIM_LEFTOVER = re.compile(
+    rf"^(\.{re.escape(OWNER_MARKER)}\..*\.tmp|\.loramoe-probe-\d+|{re.escape(LOCK_FILE)})$"
+)
 
 
 # ---- the output directory ---------------------------------------------------------------------------------------
@@ -48,38 +59,88 @@ def run_id_of(output_dir: str | os.PathLike) -> str | None:
     return _marker_id(Path(output_dir) / OWNER_MARKER)
 
 
-def _marker_id(marker: Path) -> str | None:
+def _read_marker(marker: Path) -> dict | None:
     try:
         data = read_json(marker, error=ConfigError, what="marker", max_bytes=1 << 16)
     except (OSError, LoRAMoEError):
         return None
-    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _marker_id(marker: Path) -> str | None:
+    run_id = (_read_marker(marker) or {}).get("run_id")
     return run_id if isinstance(run_id, str) and run_id else None
 
 
+def _directory_identity(folder: Path) -> list[int]:
+    """What a copy of a file cannot carry to another folder: the folder's device and inode number."""
+    st = os.stat(folder)
+    return [st.st_dev, st.st_ino]
+
+
+def proven_run_id(output_dir: str | os.PathLike) -> str | None:
+    """The run id that provably owns ``output_dir``: its owner marker names this directory's inode, or (a marker of
+    an earlier loramoe, or of a whole run copied or moved here) a complete checkpoint of the marker's run is there.
+    None when nothing proves it (no marker, or a marker copied into a folder without that run's checkpoints)."""
+    out = Path(output_dir)
+    marker = _read_marker(out / OWNER_MARKER) or {}
+    run_id = marker.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    if marker.get("directory") == _directory_identity(out):
+        return run_id
+    return run_id if _has_complete_checkpoint(out, run_id) else None
+
+
+def _has_complete_checkpoint(out: Path, run_id: str | None) -> bool:
+    return any(
+        is_owned(folder, run_id) and checkpoint_is_complete(folder) for folder in list_checkpoints(out)
+    )
+
+
+def _is_earlier_loramoe_output(out: Path) -> bool:
+    """An output directory of a loramoe from before owner markers: its run config and at least one checkpoint whose
+    completion marker verifies (not only a run config, which a user may have copied into any folder)."""
+    return (
+        not (out / OWNER_MARKER).exists()
+        and (out / LEGACY_RUN_FILE).is_file()
+        and _has_complete_checkpoint(out, None)
+    )
+
+
 def check_output_dir(output_dir: str | os.PathLike) -> None:
-    """Raise ``ConfigError`` unless loramoe may write into ``output_dir``: it does not exist, is empty, or is a
-    loramoe output directory (owner marker, or the run file of an earlier loramoe). Writes nothing."""
+    """Raise ``ConfigError`` unless loramoe may write into ``output_dir``: it does not exist, is empty, or is
+    provably a loramoe output directory (``proven_run_id``, or an earlier loramoe's). Writes nothing."""
     out = Path(output_dir)
     if not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(f"training.output_dir {str(out)!r} is a file; give a directory (it is created)")
-    if run_id_of(out) or (out / LEGACY_RUN_FILE).is_file():
+    if proven_run_id(out) or _is_earlier_loramoe_output(out):
         return
-    foreign = sorted(p.name for p in out.iterdir() if not _CLAIM_LEFTOVER.match(p.name))
+    # A marker that proves nothing here (copied from another directory) is no content of the user's to keep.
+    foreign = sorted(
+        p.name for p in out.iterdir() if not _CLAIM_LEFTOVER.match(p.name) and p.name != OWNER_MARKER
+    )
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        copied = (
+            f" (its {OWNER_MARKER} proves nothing here: it was written in another directory, or by an earlier "
+            "loramoe, and no complete checkpoint of its run is there)"
+            if (out / OWNER_MARKER).exists()
+            else ""
+        )
         raise ConfigError(
-            f"training.output_dir {str(out)!r} holds files loramoe did not write ({shown}); loramoe writes only into "
-            "a new or empty directory or one of its own runs, so nothing there is overwritten or deleted. Choose "
-            "another output_dir"
+            f"training.output_dir {str(out)!r} holds files loramoe did not write ({shown}){copied}; loramoe writes "
+            "only into a new or empty directory or one of its own runs, so nothing there is overwritten or deleted. "
+            "Choose another output_dir"
         )
 
 
 def claim_output_dir(output_dir: str | os.PathLike) -> str:
     """Create ``output_dir`` if needed, make sure it can be written (a probe file), and return its run id, writing
-    the owner marker when the directory is new.
+    the owner marker (with the directory's inode) when the directory is new or its marker names another inode.
+    Call it holding the directory's lock (``loramoe.dirlock.DirectoryLock``).
 
     Raises:
         ConfigError: the directory is not loramoe's (``check_output_dir``), or cannot be created or written.
@@ -91,10 +152,16 @@ def claim_output_dir(output_dir: str | os.PathLike) -> str:
         probe = out / f".loramoe-probe-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
-        run_id = run_id_of(out)
-        if run_id is None:
-            run_id = uuid.uuid4().hex
-            marker = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        marker = _read_marker(out / OWNER_MARKER) or {}
+        run_id = proven_run_id(out)
+        if run_id is None or marker.get("directory") != _directory_identity(out):
+            run_id = run_id or uuid.uuid4().hex
+            created = marker.get("created") if run_id == marker.get("run_id") else None
+            marker = {
+                "run_id": run_id,
+                "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "directory": _directory_identity(out),
+            }
             atomic_write_text(out / OWNER_MARKER, json.dumps(marker, indent=1) + "\n")
     except OSError as err:
         raise ConfigError(

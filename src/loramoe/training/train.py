@@ -11,6 +11,9 @@ Design decisions:
 - A fresh run into a folder that holds another run's checkpoints is refused rather than mixed with them.
 - Training writes only into a new or empty directory or one of its own runs, claimed (and probed) before the model
   loads; loramoe deletes only checkpoints it can prove are this run's (``checkpoints.py``).
+- One run per output directory at a time: the process that writes locks the directory (``loramoe.dirlock``) before
+  it claims it and holds the lock through the final save; the other processes of a distributed run take no lock,
+  and every process stops with the same error when the claim fails on any, so none waits for one that stopped.
 - What would fail only once training starts is checked before the first step: the Trainer's settings
   (``run_config.py``), the output directory, ``data.max_length`` against the model's context, and on ``--resume``
   every field that changed since the run started.
@@ -18,6 +21,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from loramoe.errors import ConfigError
+from loramoe.dirlock import DirectoryLock
+from loramoe.errors import ConfigError, LoRAMoEError
 from loramoe.files import atomic_write_text, tagged_temp_files
 from loramoe.inject import inject, summary
 from loramoe.models.base import context_length
@@ -77,6 +82,9 @@ def build_trainer(run: RunConfig, *, run_id: str | None = None) -> GuardedTraine
     args = run.training_arguments()
     out = Path(args.output_dir)
     if run_id is None and args.should_save:
+        check_output_dir(out)  # before the lock file: nothing is created in another project's directory
+        # Held until this process ends: whoever built the Trainer may still save into the directory.
+        DirectoryLock(out, what="training.output_dir").acquire()
         run_id = claim_output_dir(out)
     save_total_limit, args.save_total_limit = args.save_total_limit, None  # rotation is ours, after verifying
     # The adapter's initialisation draws from the global RNG: seed it (as the Trainer does later) so that a run,
@@ -166,28 +174,21 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """
     args = run.training_arguments()
     out = Path(args.output_dir)
-    try:
-        # Before anything is loaded or written: never write into another project's directory.
-        check_output_dir(out)
-        run_id = claim_output_dir(out) if args.should_save else None
-        refuse_foreign(out, run_id or run_id_of(out))
+    with contextlib.ExitStack() as held:
+        run_id = _claim(out, args.should_save, held)
         earlier = list_checkpoints(out)
-    except OSError as err:  # another process removed or changed it meanwhile
-        raise ConfigError(
-            f"training.output_dir {str(out)!r}: {err.strerror or err}; is another run using it?"
-        ) from err
-    if not resume and earlier:
-        raise ConfigError(
-            f"training.output_dir {str(out)!r} holds checkpoints of an earlier run ({earlier[0].name}, ...); "
-            "continue it with --resume (resume=True), or choose a new output_dir"
-        )
-    if resume:
-        check_resume_config(out, run)
-    if run_id is None:
-        return _train(run, out, None, resume)
-    sweep_leftovers(out, run_id)  # what a killed process of this run left, its temporary files included
-    with tagged_temp_files(run_id):  # named by the run id: the next process can prove they are its own
-        return _train(run, out, run_id, resume)
+        if not resume and earlier:
+            raise ConfigError(
+                f"training.output_dir {str(out)!r} holds checkpoints of an earlier run ({earlier[0].name}, ...); "
+                "continue it with --resume (resume=True), or choose a new output_dir"
+            )
+        if resume:
+            check_resume_config(out, run)
+        if run_id is None:
+            return _train(run, out, None, resume)
+        sweep_leftovers(out, run_id)  # what a killed process of this run left, its temporary files included
+        with tagged_temp_files(run_id):  # named by the run id: the next process can prove they are its own
+            return _train(run, out, run_id, resume)
 
 
 def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[str, Any]:
@@ -208,6 +209,49 @@ def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[
             out / "train_results.json", json.dumps(metrics, indent=2, sort_keys=True, default=str)
         )
     return metrics
+
+
+def _claim(out: Path, writes: bool, held: contextlib.ExitStack) -> str | None:
+    """Check the output directory, lock it (on the process that writes, into ``held``) and claim it, before
+    anything is loaded or written; returns the run id (None on the processes that do not write).
+
+    Every process of a distributed run ends this with the same outcome: an error on one (the directory is locked by
+    another run, or not loramoe's) is raised on all, so none goes on to wait for the one that stopped.
+    """
+    error: LoRAMoEError | None = None
+    run_id = None
+    try:
+        check_output_dir(out)  # before the lock file: nothing is created in another project's directory
+        if writes:
+            held.enter_context(DirectoryLock(out, what="training.output_dir"))
+            run_id = claim_output_dir(out)
+        refuse_foreign(out, run_id or run_id_of(out))
+    except OSError as err:  # another process removed or changed it meanwhile
+        error = ConfigError(
+            f"training.output_dir {str(out)!r}: {err.strerror or err}; is another run using it?"
+        )
+        error.__cause__ = err
+    except LoRAMoEError as err:
+        error = err
+    error = _first_error_of_all_processes(error)
+    if error is not None:
+        raise error
+    return run_id
+
+
+def _first_error_of_all_processes(error: LoRAMoEError | None) -> LoRAMoEError | None:
+    """``error``, or in a distributed run with none here, the first error another process had (same type and
+    message). A collective: every process calls it at the same point."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if error is None else (type(error), str(error)))
+    if error is not None:
+        return error
+    first = next((o for o in outcomes if o is not None), None)
+    return None if first is None else first[0](first[1])
 
 
 def check_resume_config(output_dir: Path, run: RunConfig) -> None:
