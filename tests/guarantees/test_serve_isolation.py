@@ -77,6 +77,7 @@ def test_bad_requests_in_a_batch_get_400_and_the_others_their_own_tokens(adapter
         _body(PROMPTS[0], temperature=0.9, top_p=0.95, seed=11),
         _body(PROMPTS[1], temperature=0),
         _body(PROMPTS[3], temperature=1.3, top_k=5, repetition_penalty=1.2, seed=2**64 - 1),
+        _body(PROMPTS[2], temperature=0.7, top_k=10**30, seed=-3),  # a top_k past the vocabulary keeps all
     ]
     bad = [_body(PROMPTS[2], **settings) for settings, _, _ in BAD_SAMPLING.values()]
     raw = [content for content, _, _ in NOT_JSON_WE_TAKE.values()]
