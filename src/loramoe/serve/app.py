@@ -276,9 +276,8 @@ async def _generate(
 async def _answer(request: Request, job: Job, deadline: float) -> Completion | Failed | None:
     """A plain (not streamed) job's answer, or None when its client hangs up first; ``TimeoutError`` at the
     deadline."""
-    answer = asyncio.ensure_future(
-        job.events.get()
-    )  # a plain job gets no text events: the first is the answer
+    # A plain job gets no text events: its first event is its answer.
+    answer = asyncio.ensure_future(job.events.get())
     hangup = asyncio.ensure_future(_hung_up(request))
     try:
         await asyncio.wait(
@@ -303,7 +302,10 @@ async def _hung_up(request: Request) -> None:
 async def _events(job: Job, deadline: float) -> AsyncIterator[str | Completion | Failed]:
     """The job's events until its ``Completion`` or ``Failed``; ``TimeoutError`` at the deadline."""
     while True:
-        event = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
+        try:
+            event = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
+            raise TimeoutError from None
         yield event
         if not isinstance(event, str):
             return
