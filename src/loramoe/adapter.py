@@ -37,8 +37,8 @@ from loramoe.dirlock import held_if_locked
 from loramoe.errors import AdapterError, ConfigError
 from loramoe.files import atomic_path, atomic_write_text, read_json, sha256_file
 from loramoe.hub import adapter_folder
-from loramoe.inject import adapted_modules, adapter_parameters, get_config, inject, model_type_of
-from loramoe.validation import is_int, shown
+from loramoe.inject import adapted_modules, adapter_parameters, check_model, get_config, inject, model_type_of
+from loramoe.validation import boolean, check_value, is_int, shown
 from loramoe.weights import weights_format
 
 CONFIG_NAME = "adapter_config.json"
@@ -53,6 +53,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(LoRAMoEConfig))
 _ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "intermediate_size": ("n_inner",)}
+
+
+def _check_path(value: Any, name: str) -> None:
+    """An adapter directory argument: a non-empty str or path (``""`` would be the working directory)."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise AdapterError(
+            f"{name} must be a directory path (a non-empty str or os.PathLike), got {shown(value)}"
+        )
 
 
 def base_identity(model: nn.Module) -> dict[str, object]:
@@ -119,6 +127,15 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
+    check_model(model, "save_adapter()")
+    _check_path(out_dir, "out_dir")
+    if base_name_or_path is not None and not isinstance(base_name_or_path, (str, os.PathLike)):
+        raise ConfigError(
+            f"base_name_or_path must be a name, a path or None, got {type(base_name_or_path).__name__}"
+        )
+    for name, value in (("tensors", tensors), ("data_summary", data_summary), ("results", results)):
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a mapping or None, got {type(value).__name__}")
     cfg = get_config(model)
     tensors = adapter_state_dict(model) if tensors is None else tensors
     out = Path(out_dir)
@@ -156,7 +173,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAMoEConfig, 
     """
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
-        raise AdapterError(f"{adapter_dir}: adapter directory not found")
+        raise AdapterError(
+            f"{adapter_dir}: adapter directory not found (and not a Hub repository id, org/name); give the "
+            "directory save_adapter wrote"
+        )
     if not path.is_file():
         raise AdapterError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     meta = read_json(path, error=AdapterError, what="adapter config", max_bytes=MAX_CONFIG_BYTES)
@@ -245,6 +265,13 @@ def load_adapter(
         AdapterError: missing, torn, tampered, pickled or mismatched files, or a Hub repository that cannot be
             fetched (offline and not cached); the message says what and where.
     """
+    check_model(model, "load_adapter()")
+    _check_path(adapter_dir, "adapter_dir")
+    check_value("is_trainable", is_trainable, boolean())
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise AdapterError(
+            f"revision must be a branch, tag or commit name (a non-empty str), got {shown(revision)}"
+        )
     adapter_dir = adapter_folder(adapter_dir, revision=revision, files=(CONFIG_NAME, WEIGHTS_NAME))
     weights = adapter_dir / WEIGHTS_NAME
     weights_format(adapter_dir, (WEIGHTS_NAME,), what="adapter")  # a pickle-only adapter is refused, by name

@@ -49,7 +49,8 @@ REDUCTIONS = ("sum", "mean")
 POSITIONS = ("all", "non_padding")
 DROPOUT_MODES = ("per_expert", "shared")
 
-_RULES = {
+# The rule of each field; the layer checks its own arguments with the same ones.
+FIELD_RULES = {
     "num_experts": integer(1),
     "rank": integer(1),
     "alpha": number(0, low_open=True),
@@ -119,7 +120,7 @@ class LoRAMoEConfig:
             value = getattr(self, name)
             if isinstance(value, (str, list)):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        check_fields(self, _RULES)
+        check_fields(self, FIELD_RULES)
         # Checks across fields.
         if self.top_k is not None and self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")

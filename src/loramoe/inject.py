@@ -11,8 +11,10 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +25,18 @@ from loramoe.layer import ADAPTER_PREFIX, LoRAMoELinear, is_linear_like, linear_
 from loramoe.validation import is_int, parse_int, shown
 
 CONFIG_ATTR = "loramoe_config"
+
+
+def check_model(model: Any, what: str) -> None:
+    """Raise ``ConfigError`` unless ``model`` is a torch module: a name or path is not a loaded model."""
+    if isinstance(model, nn.Module):
+        return
+    hint = (
+        "; load the model first (transformers AutoModelForCausalLM.from_pretrained, loramoe.models.base.load_base)"
+        if isinstance(model, (str, os.PathLike))
+        else ""
+    )
+    raise ConfigError(f"{what} needs a model (a torch nn.Module), got {type(model).__name__}{hint}")
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -65,6 +79,7 @@ def inject(model: nn.Module, cfg: LoRAMoEConfig) -> nn.Module:
     Returns:
         The same ``model`` object, adapted, with ``model.loramoe_config = cfg``.
     """
+    check_model(model, "inject()")
     if not isinstance(cfg, LoRAMoEConfig):
         raise ConfigError(f"inject() needs a LoRAMoEConfig, got {type(cfg).__name__}")
     if adapted_modules(model):
@@ -111,6 +126,7 @@ def check_adapter_size(model: nn.Module, cfg: LoRAMoEConfig, names: list[str]) -
 
 def get_config(model: nn.Module) -> LoRAMoEConfig:
     """The LoRAMoEConfig of an adapted model (looking through DDP/FSDP-style ``.module`` wrappers)."""
+    check_model(model, "loramoe")
     cfg = getattr(model, CONFIG_ATTR, None)
     while cfg is None and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
@@ -124,6 +140,7 @@ def get_config(model: nn.Module) -> LoRAMoEConfig:
 
 def adapted_modules(model: nn.Module) -> dict[str, LoRAMoELinear]:
     """Name in ``model.named_modules()`` -> LoRAMoE layer, in model order."""
+    check_model(model, "loramoe")
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRAMoELinear)}
 
 
@@ -137,6 +154,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base output; the previous state is restored after."""
+    check_model(model, "disable_adapters()")
     layers = list(adapted_modules(model).values())
     before = [layer.disabled for layer in layers]
     for layer in layers:
@@ -186,6 +204,7 @@ def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn
     Raises:
         ConfigError: no LoRAMoE layers, an unknown group name, an index out of range, or every expert off.
     """
+    check_model(model, "disable_experts()")
     cfg = get_config(model)
     n = cfg.num_experts
     if isinstance(group, str):
@@ -194,12 +213,17 @@ def disable_experts(model: nn.Module, group: str | Sequence[int]) -> Iterator[nn
                 f"unknown expert group {group!r}; this adapter's groups are {list(cfg.task_names)} (or give indices)"
             )
         off = [e for e, k in enumerate(cfg.group_of_expert()) if cfg.task_names[k] == group]
+    elif not isinstance(group, Sequence) or isinstance(group, (bytes, bytearray)):
+        raise ConfigError(
+            f"disable_experts needs an expert group name {list(cfg.task_names)} or a list of expert indices in "
+            f"[0, {n}), got {shown(group)}"
+        )
     else:
         off = list(group)
         bad = [e for e in off if not is_int(e) or not 0 <= e < n]
         if bad or not off:
             raise ConfigError(
-                f"expert indices must be a non-empty list of ints in [0, {n}); got {list(group)!r}"
+                f"expert indices must be a non-empty list of ints in [0, {n}); got {shown(list(group))}"
             )
     mask = torch.zeros(n, dtype=torch.bool)
     mask[off] = True
@@ -231,6 +255,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def summary(model: nn.Module) -> str:
     """A human-readable description of the adapter: targets, experts, trainable and total parameters."""
+    check_model(model, "summary()")
     cfg = get_config(model)
     layers = adapted_modules(model)
     leaves = Counter(name.rsplit(".", 1)[-1] for name in layers)

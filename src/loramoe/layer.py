@@ -37,6 +37,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 import loramoe._kernels as _kernels
+from loramoe.config import FIELD_RULES
+from loramoe.errors import ConfigError, TargetError
+from loramoe.validation import check_value
 
 ADAPTER_PREFIX = "loramoe_"
 
@@ -91,6 +94,19 @@ class LoRAMoELinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
+            raise TargetError(
+                f"LoRAMoELinear wraps a linear layer (in and out features), got {type(base_layer).__name__}"
+            )
+        args = dict(
+            num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout, dropout_mode=dropout_mode
+        )
+        for name, value in {**args, "top_k": top_k}.items():
+            check_value(name, value, FIELD_RULES[name])
+        if top_k is not None and top_k > num_experts:
+            raise ConfigError(f"top_k ({top_k}) cannot exceed num_experts ({num_experts})")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
         self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank

@@ -22,15 +22,17 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from loramoe.errors import DataError, TrainingError
-from loramoe.inject import adapted_modules, get_config
+from loramoe.config import NORMALIZATIONS
+from loramoe.errors import ConfigError, DataError, TrainingError
+from loramoe.inject import adapted_modules, check_model, get_config
 from loramoe.routing import RouterRecorder, per_sample_mean
+from loramoe.validation import check_value, is_int, number, shown
 
 EPS = 1e-10  # the reference's epsilon in Var / (Mean^2 + eps)
 
@@ -99,6 +101,10 @@ def localized_balancing_loss(
     Returns:
         A float32 scalar.
     """
+    if not isinstance(probs_BTN, torch.Tensor) or probs_BTN.dim() != 3:
+        got = tuple(probs_BTN.shape) if isinstance(probs_BTN, torch.Tensor) else type(probs_BTN).__name__
+        raise DataError(f"router probabilities must be a (B, T, N) tensor, got {got}")
+    _check_lbc_args(probs_BTN, group_of_expert, delta, weight, normalization, mask_BT)
     if not isinstance(task_types_B, torch.Tensor) or tuple(task_types_B.shape) != tuple(probs_BTN.shape[:1]):
         got = (
             tuple(task_types_B.shape)
@@ -115,6 +121,35 @@ def localized_balancing_loss(
     if normalization == "cv2":
         return weight * z.var(unbiased=True) / (mean * mean + EPS)
     return weight * z.var(unbiased=True) / (mean + EPS)
+
+
+def _check_lbc_args(
+    probs_BTN: torch.Tensor,
+    group_of_expert: list[int] | torch.Tensor,
+    delta: float,
+    weight: float,
+    normalization: str,
+    mask_BT: torch.Tensor | None,
+) -> None:
+    """Types and shapes only (no value read from the device): a wrong one raises a ``loramoe.errors`` type."""
+    n = probs_BTN.shape[-1]
+    if isinstance(group_of_expert, torch.Tensor):
+        ok = tuple(group_of_expert.shape) == (n,) and not group_of_expert.is_floating_point()
+    else:
+        ok = isinstance(group_of_expert, (list, tuple)) and len(group_of_expert) == n
+        ok = ok and all(is_int(g) for g in group_of_expert)
+    if not ok:
+        raise ConfigError(f"group_of_expert must give each of the {n} experts its task type (ints), got "
+                          f"{shown(group_of_expert)}")  # fmt: skip
+    check_value("delta", delta, number(0, 1, high_open=True))
+    check_value("weight", weight, number(0))
+    if normalization not in NORMALIZATIONS:  # anything else would silently compute var / mean
+        raise ConfigError(f"normalization must be one of {list(NORMALIZATIONS)}, got {shown(normalization)}")
+    if mask_BT is not None and (
+        not isinstance(mask_BT, torch.Tensor) or tuple(mask_BT.shape) != tuple(probs_BTN.shape[:2])
+    ):
+        got = tuple(mask_BT.shape) if isinstance(mask_BT, torch.Tensor) else type(mask_BT).__name__
+        raise DataError(f"mask_BT must be None or a (B, T) = {tuple(probs_BTN.shape[:2])} tensor, got {got}")
 
 
 @dataclass
@@ -163,6 +198,11 @@ def compute_loss(
     Returns:
         LossParts.
     """
+    check_model(model, "compute_loss()")
+    if not isinstance(batch, Mapping):
+        raise DataError(
+            f"compute_loss needs the batch as a mapping of tensors (input_ids, labels, ...), got {type(batch).__name__}"
+        )
     cfg = get_config(model)
     inputs = dict(batch)
     task_types = inputs.pop("task_types", None)
@@ -170,6 +210,8 @@ def compute_loss(
         raise DataError(
             "compute_loss needs 'labels' in the batch (use -100 on positions that are not learned)"
         )
+    _check_batch(inputs)
+    check_value("lbc_scale", lbc_scale, number(0))
     input_ids = inputs.get("input_ids")
     batch_size = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else None
     if batch_size == 0 or (isinstance(input_ids, torch.Tensor) and input_ids.numel() == 0):
@@ -198,6 +240,17 @@ def compute_loss(
         lbc = lm.new_zeros((), dtype=torch.float32)
     total = lm_term + (lbc * lbc_scale).to(lm_term.dtype)
     return LossParts(total=total, lm=lm, lbc=lbc, router_probs=probs, outputs=outputs)
+
+
+def _check_batch(inputs: dict) -> None:
+    """The model's own tensors are tensors, and labels are shaped like the input ids."""
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key in inputs and not isinstance(inputs[key], torch.Tensor):
+            raise DataError(f"batch[{key!r}] must be a tensor, got {type(inputs[key]).__name__}")
+    ids, labels = inputs.get("input_ids"), inputs["labels"]
+    if ids is not None and labels.shape != ids.shape:
+        raise DataError(f"batch['labels'] has shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}; they "
+                        "must match (use -100 on positions that are not learned)")  # fmt: skip
 
 
 def _own_loss(outputs: object, lm_term: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
 from loramoe.errors import AdapterError, DataError
-from loramoe.inject import adapted_modules
+from loramoe.inject import adapted_modules, check_model
 from loramoe.layer import LoRAMoELinear
 
 # Only its public ``is_bw`` property is read; the tracker is never entered, so it installs no hooks.
@@ -40,6 +40,7 @@ class RouterRecorder:
     """
 
     def __init__(self, model: nn.Module, *, detach: bool = False, to_cpu: bool = False) -> None:
+        check_model(model, "RouterRecorder")
         self.model, self.detach, self.to_cpu = model, detach, to_cpu
         self.probs: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []

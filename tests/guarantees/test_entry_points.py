@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramoe.adapter import save_adapter
+from loramoe.adapter import load_adapter, save_adapter
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, DataError
-from loramoe.inject import inject
+from loramoe.inject import disable_experts, inject
 from loramoe.loss import compute_loss
 from loramoe.models.base import load_base
 from loramoe.routing import RouterRecorder
@@ -101,3 +101,115 @@ def test_an_empty_expert_selection_is_an_error_not_every_expert_on(root, capsys)
     assert "experts_off is empty" in line, line
     line = cli_error(capsys, [*argv, "--experts-off", " , "])
     assert "has an empty item" in line, line
+
+
+WRONG = [None, 1, 1.5, True, "x", b"x", [], {}, object(), torch.zeros(2)]
+
+
+def _misuse_calls(model, plain, adapter_dir):
+    """Public name of ``loramoe`` -> calls with one argument of a wrong type or value (``v``)."""
+    import loramoe as lm
+
+    probs, types = torch.rand(2, 3, 2), torch.zeros(2, dtype=torch.long)
+    lbc = dict(group_of_expert=[0, 1], delta=0.1, weight=1.0)
+    ids = torch.randint(0, 100, (2, 4))
+    linear = torch.nn.Linear(4, 4)
+    return {
+        "inject": [lambda v: lm.inject(v, lm.LoRAMoEConfig()), lambda v: lm.inject(tiny_model("llama"), v)],
+        "adapted_modules": [lambda v: lm.adapted_modules(v)],
+        "summary": [lambda v: lm.summary(v)],
+        "disable_adapters": [lambda v: lm.disable_adapters(v).__enter__()],
+        "disable_experts": [
+            lambda v: lm.disable_experts(v, [0]).__enter__(),
+            lambda v: lm.disable_experts(model, v).__enter__(),
+        ],
+        "save_adapter": [
+            lambda v: lm.save_adapter(v, adapter_dir),
+            lambda v: lm.save_adapter(model, v) if not isinstance(v, str) else lm.save_adapter(model, ""),
+            lambda v: (
+                lm.save_adapter(model, adapter_dir, tensors=v)
+                if v is not None
+                else lm.save_adapter(plain, "o")
+            ),
+        ],
+        "load_adapter": [
+            lambda v: lm.load_adapter(v, adapter_dir),
+            lambda v: lm.load_adapter(tiny_model("llama"), v),
+            lambda v: lm.load_adapter(tiny_model("llama"), adapter_dir, is_trainable=v),
+            lambda v: lm.load_adapter(tiny_model("llama"), "org/name", revision=v if v is not None else ""),
+        ],
+        "RouterRecorder": [lambda v: lm.RouterRecorder(v).__enter__()],
+        "compute_loss": [
+            lambda v: lm.compute_loss(v, {"input_ids": ids, "labels": ids}),
+            lambda v: lm.compute_loss(model, v),
+            lambda v: lm.compute_loss(model, {"input_ids": v, "labels": ids}),
+            lambda v: lm.compute_loss(model, {"input_ids": ids, "labels": v}),
+            lambda v: lm.compute_loss(model, {"input_ids": ids, "labels": ids, "task_types": v}),
+            lambda v: lm.compute_loss(
+                model, {"input_ids": ids, "labels": ids, "task_types": types}, lbc_scale=v
+            ),
+        ],
+        "localized_balancing_loss": [
+            lambda v: lm.localized_balancing_loss(v, types, **lbc),
+            lambda v: lm.localized_balancing_loss(probs, v, **lbc),
+            lambda v: lm.localized_balancing_loss(probs, types, **{**lbc, "group_of_expert": v}),
+            lambda v: lm.localized_balancing_loss(probs, types, **{**lbc, "delta": v}),
+            lambda v: lm.localized_balancing_loss(probs, types, **{**lbc, "weight": v}),
+            lambda v: lm.localized_balancing_loss(probs, types, **lbc, normalization=v),
+            lambda v: lm.localized_balancing_loss(probs, types, **lbc, mask_BT=v if v is not None else 1),
+        ],
+        "LoRAMoEConfig": [lambda v: lm.LoRAMoEConfig(rank=v), lambda v: lm.LoRAMoEConfig.from_json(v)],
+        "LoRAMoELinear": [
+            lambda v: lm.LoRAMoELinear(v, num_experts=2, rank=2, alpha=1.0),
+            *[
+                lambda v, k=k: lm.LoRAMoELinear(linear, **{"num_experts": 2, "rank": 2, "alpha": 1.0, k: v})
+                for k in ("num_experts", "rank", "alpha", "dropout", "dropout_mode")
+            ],
+            lambda v: lm.LoRAMoELinear(
+                linear, num_experts=2, rank=2, alpha=1.0, top_k=v if v is not None else 3
+            ),
+            lambda v: lm.LoRAMoELinear(linear, num_experts=2, rank=2, alpha=1.0, dtype=v),
+        ],
+    }
+
+
+def test_every_public_function_raises_a_loramoe_error_for_a_wrong_argument(tmp_path):
+    """Each callable ``loramoe`` exports, given each wrong argument in turn (None, a number, a bool, a string,
+    bytes, a list, a dict, an object, a tensor), raises a specific ``loramoe.errors`` type, never a bare
+    TypeError, AttributeError or a library's ValueError from deep inside."""
+    import loramoe as lm
+    from loramoe.errors import LoRAMoEError
+
+    model = inject(tiny_model("llama"), LoRAMoEConfig(num_experts=2, rank=2))
+    save_adapter(model, tmp_path / "adapter")
+    calls = _misuse_calls(model, tiny_model("llama"), tmp_path / "adapter")
+    public = {name for name in lm.__all__ if callable(getattr(lm, name)) and not name.endswith("Error")} - {
+        "LossParts"
+    }  # a result record, built by compute_loss
+    assert set(calls) == public, "give each public callable its misuse cases"
+    for name, variants in calls.items():
+        for i, call in enumerate(variants):
+            refused = 0
+            for value in WRONG:
+                try:
+                    call(value)
+                except LoRAMoEError as err:
+                    assert type(err) is not LoRAMoEError and "\n" not in str(err), (name, i, value, err)
+                    refused += 1
+                except Exception as err:  # noqa: BLE001 - the failure names what escaped
+                    pytest.fail(f"{name} variant {i} with {value!r:.30}: {type(err).__name__}: {err}")
+            assert refused >= len(WRONG) - 2, (name, i, refused)  # a value or two may be valid there
+
+
+def test_disable_experts_with_no_selection_and_load_adapter_with_a_name(tmp_path):
+    model = inject(tiny_model("llama"), LoRAMoEConfig(num_experts=2, rank=2))
+    save_adapter(model, tmp_path / "adapter")
+    for group in (None, 1):
+        with pytest.raises(ConfigError, match=r"disable_experts needs an expert group name .* got (None|1)"):
+            disable_experts(model, group).__enter__()
+    with pytest.raises(ConfigError, match=r"load_adapter\(\) needs a model .* got str; load the model first"):
+        load_adapter("name", tmp_path / "adapter")
+    with pytest.raises(
+        AdapterError, match=r"^name: adapter directory not found \(and not a Hub repository id"
+    ):
+        load_adapter(tiny_model("llama"), "name")

@@ -308,7 +308,9 @@ def test_layer_has_no_merge():
 
 
 def test_non_linear_base_is_rejected():
-    with pytest.raises(TypeError, match="Embedding"):
+    from loramoe.errors import TargetError
+
+    with pytest.raises(TargetError, match="Embedding"):
         LoRAMoELinear(nn.Embedding(4, 4), num_experts=2, rank=2, alpha=4.0)
 
 
