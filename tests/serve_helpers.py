@@ -37,14 +37,31 @@ USER = [{"role": "user", "content": "Hi"}]
 PROMPTS = ["Hello there", "A much longer prompt, to force left padding in a batch", "x", "What is 2+2?"]
 
 
-def _save_adapter(root: Path, name: str, *, end_scale: float) -> Path:
-    """A tiny llama base and a LoRAMoE adapter with random experts and routers. ``end_scale`` scales the end
-    tokens' rows of the output layer: 2 makes some answers end early, 0 makes every answer run to ``max_tokens``."""
+def save_tiny_adapter(
+    root: Path,
+    name: str,
+    *,
+    end_scale: float,
+    model_type: str = "llama",
+    readable: bool = False,
+    positions: int = 512,
+) -> Path:
+    """A tiny base of ``model_type`` and a LoRAMoE adapter with random experts and routers. ``end_scale`` scales
+    the end tokens' rows of the output layer: 2 makes some answers end early, 0 makes every answer run to
+    ``max_tokens``. ``readable`` zeroes the output rows of every other token that is not one printable ASCII
+    character, so answers are text (not replacement characters) and a stop string can be taken from them.
+    ``positions`` is the model's context."""
     base = root / f"{name}-base"
-    model = tiny_model("llama", max_position_embeddings=512)
+    context = {"n_positions" if model_type == "gpt2" else "max_position_embeddings": positions}
+    model = tiny_model(model_type, **context)
     tokenizer = tiny_tokenizer()
     with torch.no_grad():
-        model.lm_head.weight[stop_token_ids(model, tokenizer)] *= end_scale
+        stops = stop_token_ids(model, tokenizer)
+        if readable:
+            vocab = model.lm_head.weight.shape[0]
+            unreadable = [i for i in range(vocab) if i not in stops and not _printable(tokenizer, i)]
+            model.lm_head.weight[unreadable] = 0.0
+        model.lm_head.weight[stops] *= end_scale
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     model, _ = load_base(str(base))
@@ -57,13 +74,18 @@ def _save_adapter(root: Path, name: str, *, end_scale: float) -> Path:
     return save_adapter(model, root / name)
 
 
+def _printable(tokenizer, token_id: int) -> bool:
+    text = tokenizer.decode([token_id]) if token_id < len(tokenizer) else ""
+    return len(text) == 1 and text.isascii() and text.isprintable()
+
+
 def make_adapters(tmp_path_factory) -> dict[str, Path]:
     """``plain`` (some answers end early) and ``endless`` (every answer runs to ``max_tokens``), on their bases.
     Each module builds its own in a module-scoped ``adapters`` fixture."""
     root = tmp_path_factory.mktemp("serve")
     return {
-        "plain": _save_adapter(root, "plain", end_scale=2.0),
-        "endless": _save_adapter(root, "endless", end_scale=0.0),
+        "plain": save_tiny_adapter(root, "plain", end_scale=2.0),
+        "endless": save_tiny_adapter(root, "endless", end_scale=0.0),
     }
 
 

@@ -1,5 +1,5 @@
-"""``loramoe serve`` batching: concurrent greedy answers equal ``loramoe generate``, streaming and plain requests
-of different lengths and stops share a batch and each stop on their own, seeded and near-greedy sampling, router
+"""``loramoe serve`` batching: concurrent greedy answers equal ``loramoe generate``, a request arriving mid-batch
+joins it and streams while the batch runs, streaming and plain requests of different lengths and stops share a batch and each stop on their own, seeded and near-greedy sampling, router
 statistics on demand (and refused without an adapter), the model list and health. Shared setup:
 ``serve_helpers.py``."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from loramoe.cli import main
 
-from serve_helpers import PROMPTS, USER, chat, make_adapters, running
+from serve_helpers import PROMPTS, USER, chat, make_adapters, running, save_tiny_adapter
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,36 @@ def test_concurrent_greedy_answers_equal_loramoe_generate(server, adapters, caps
         "stop",
         "length",
     }  # the batch had rows ending at an end token and rows running to the limit
+
+
+def test_a_request_arriving_mid_batch_gets_its_first_token_while_the_batch_runs(tmp_path):
+    """Continuous batching: a request sent while another decodes joins its batch and streams its first token while
+    the first one is still unanswered (it runs to 4,000 tokens on this model unless its client leaves)."""
+    long = save_tiny_adapter(tmp_path, "long", end_scale=0.0, positions=4096)
+    with running(long, max_batch_size=4, max_tokens=4000) as server:
+        batcher = server.state.batcher
+        body = {"model": "tiny", "messages": USER, "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as first:
+            assert first.status_code == 200
+            assert batcher.wait_for(lambda b: b.running == 1 and b.steps > 0, 60)  # the first one is decoding
+            joins = batcher.joins
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as second:
+                assert second.status_code == 200
+                second_lines = second.iter_lines()  # kept: an abandoned line iterator closes its connection
+                assert _first_text(second_lines)
+                assert batcher.running == 2 and batcher.joins == joins + 1  # joined the batch still running
+            assert _first_text(first.iter_lines())  # and the first one carries on
+        assert batcher.wait_for(lambda b: b.running == 0, 60)  # both clients left; their rows left the batch
+
+
+def _first_text(lines: Iterator[str]) -> str:
+    """The first non-empty content delta of a chat stream's lines."""
+    for line in lines:
+        if line.startswith("data: {"):
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                return delta["content"]
+    raise AssertionError("the stream ended without content")
 
 
 def test_streaming_and_plain_requests_in_one_batch_each_stop_on_their_own(server):
