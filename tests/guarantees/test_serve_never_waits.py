@@ -123,7 +123,12 @@ BAD_FLAGS = {
     "an address of another machine": (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:0 (Cannot assign"),
     "a host name with spaces": (["--host", "no such host"], "host 'no such host': not an address"),
     "an endless timeout": (["--timeout", "inf"], "--timeout must be a number in (0, 86400]"),
-    "no read timeout": (["--read-timeout", "0"], "--read-timeout must be a number in (0, 3600]"),
+    "no read timeout": (["--read-timeout", "0"], "--read-timeout must be a number in [0.1, 3600]"),
+    "a body limit no request fits in": (
+        ["--max-body-bytes", "10"],
+        "--max-body-bytes must be an integer in 1024..",
+    ),
+    "a model name with a newline": (["--model-name", "a\nb"], "--model-name must be printable text"),
     "more connections than files": (["--max-connections", "999999"], "more connections than this process"),
     "a port out of range": (["--port", "70000"], "--port must be an integer in 0..65535"),
     "a batch of none": (["--max-batch-size", "0"], "--max-batch-size must be an integer in 1..4096"),

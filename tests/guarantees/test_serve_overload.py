@@ -82,7 +82,7 @@ def test_serve_command_drains_in_flight_requests_on_sigterm(adapters):
     try:
         port = None
         for line in proc.stderr:
-            if match := re.search(r"serving on http://127\.0\.0\.1:(\d+)", line):
+            if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
                 port = int(match.group(1))
                 break
         assert port, "the server did not start"

@@ -61,16 +61,20 @@ class ServeConfig:
         check_fields(
             self,
             {
+                "model_name": (
+                    lambda v: isinstance(v, str) and v.strip() == v and v.isprintable() and len(v) <= 256,
+                    "printable text of at most 256 characters without surrounding spaces (or empty)",
+                ),
                 "host": (lambda v: isinstance(v, str) and v.strip() == v != "", "a host name or address"),
                 "port": _between(0, 65535, "(0: any free port)"),
                 "max_batch_size": _between(1, 4096),
                 "max_prompt_tokens": _between(1, 10**7),
                 "max_tokens": _between(1, 10**7),
-                "max_body_bytes": _between(1, 1 << 30),
+                "max_body_bytes": _between(1024, 1 << 30),  # below 1 KiB hardly a request fits
                 "max_queue": _between(1, 10**6),
                 "batch_wait_ms": number(0, 60_000),
                 "timeout": number(0, 86_400, low_open=True),
-                "read_timeout": number(0, 3_600, low_open=True),
+                "read_timeout": number(0.1, 3_600),  # below it, a client on another machine hardly makes it
                 "max_connections": _between(1, 10**6),
             },
         )

@@ -160,7 +160,10 @@ def serve(
     app = build_app(model, tokenizer, config)
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
-    logger.info("serving on http://%s:%d (Press CTRL+C to quit)", f"[{host}]" if ":" in host else host, port)
+    # uvicorn's own words (it logs none for a socket it is given), which scripts read to find a --port 0 server
+    logger.info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", f"[{host}]" if ":" in host else host, port
+    )
     _Server(uvicorn_config(app), app.state.serve).run(sockets=[sock])
 
 
