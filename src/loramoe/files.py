@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loramoe.errors import ConfigError, LoRAMoEError
+from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, is_write_fault
 from loramoe.validation import MAX_INT_DIGITS, too_long_int
 
 # YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; YAML 1.2 and users read it as a float.
@@ -93,7 +93,8 @@ def leftover_temp_files(folder: str | os.PathLike, tag: str) -> list[Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds it is fsynced and renamed onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched. The file gets the permissions a
+    On an exception the temporary file is removed and ``path`` is left untouched; the file system's faults (a full
+    disk, a file-size limit) become a ``FileSystemError`` naming ``path``. The file gets the permissions a
     plain ``open(path, "w")`` would give it (0o666 less the umask), whatever the block wrote it with.
     """
     target = Path(path)
@@ -112,8 +113,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, LoRAMoEError) and is_write_fault(err):
+            raise FileSystemError.from_fault(err, target, doing="writing") from err
         raise
 
 

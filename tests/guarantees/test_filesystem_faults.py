@@ -1,12 +1,18 @@
 """Guarantee 7 of docs/reliability.md: the file system's faults are errors, not tracebacks, hangs or lost runs.
 
-Every file a run writes gets the permissions a plain ``open()`` gives under the umask; the temporary file a kill
-leaves is swept by the next process of the same run, and no other. Shared setup: ``guarantees_helpers.py``.
+A file-size limit (RLIMIT_FSIZE, in real ``loramoe train`` processes) or a full disk during a checkpoint or the
+final save ends in one line naming the path and what to do, and ``--resume`` completes the run once the limit is
+raised or space is freed; an unreadable data file, a directory where the adapter should be are one line too. Every
+file a run writes gets the permissions a plain ``open()`` gives under the umask; the temporary file a kill leaves is
+swept by the next process of the same run, and no other. Shared setup: ``guarantees_helpers.py``.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,12 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from loramoe.training.checkpoints import run_id_of
+from loramoe.errors import FileSystemError
+from loramoe.training.checkpoints import latest_good_checkpoint, run_id_of
 from loramoe.training.run_config import RunConfig
 from loramoe.training.train import train
 
-from guarantees_helpers import config, make_root, owned_run
+from guarantees_helpers import cli_error, config, make_root, owned_run
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -71,3 +79,124 @@ def test_the_temporary_file_a_kill_leaves_is_swept_by_the_next_process_of_the_ru
     train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
     assert not left.exists() and untagged.is_file()
     assert sorted(p.name for p in out.glob(".*")) == [untagged.name]
+
+
+def _start_train(cfg: Path, *, file_size_limit: int) -> subprocess.Popen:
+    """``python -m loramoe train cfg`` under umask 022 and a file-size limit. SIGXFSZ, which would kill
+    the process at the limit, is ignored, so the write fails with EFBIG as it does on a full disk with ENOSPC."""
+
+    def limit() -> None:
+        os.umask(0o022)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "loramoe", "train", str(cfg)]
+    return subprocess.Popen(
+        argv, env=env, preexec_fn=limit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _error_line(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("loramoe ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# The tiny run's largest file is a checkpoint's optimizer state (38 KB), then the adapter (13 KB): "ckpt" reaches its
+# limit writing checkpoint-3, "final" (no checkpoints) writing the final adapter.
+RUNS = {"ckpt": {"max_steps": 6}, "final": {"save_strategy": "no"}}
+LIMITS = {"ckpt": 20_000, "final": 10_000}
+
+
+def _write_config(root: Path, tmp_path: Path, name: str) -> Path:
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, tmp_path / name, **RUNS[name])))
+    return cfg
+
+
+def test_a_file_size_limit_during_a_checkpoint_or_the_final_save_is_one_line_and_resume_completes(
+    root, tmp_path
+):
+    """Two real runs under a file-size limit: one reaches it writing ``checkpoint-3`` (its optimizer state is the
+    largest file), the other, without checkpoints, writing the final adapter. Both exit 2 with one line naming the
+    path, the limit and ``--resume``; nothing half-written is used, and ``--resume`` without the limit completes
+    them: the checkpoint run from the start (its torn checkpoint-3 is set aside), with every file 0644."""
+    runs = {
+        name: _start_train(_write_config(root, tmp_path, name), file_size_limit=limit)
+        for name, limit in LIMITS.items()
+    }
+    lines = {name: _error_line(proc) for name, proc in runs.items()}
+    assert lines["ckpt"].startswith(f"loramoe train: error: {tmp_path / 'ckpt' / 'checkpoint-3'}: "), lines
+    assert lines["final"].startswith(
+        f"loramoe train: error: {tmp_path / 'final' / 'adapter_model.safetensors'}: "
+    )
+    for name, line in lines.items():
+        assert f"file-size limit of {LIMITS[name]} bytes" in line, line
+        assert line.endswith("then run again with --resume"), line
+    assert latest_good_checkpoint(tmp_path / "ckpt") is None  # checkpoint-3 is torn: no completion marker
+    assert not (tmp_path / "final" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "final" / "adapter_config.json").exists()
+    before = os.umask(0o022)
+    try:  # the limit raised: the same runs go on (in this process, to save a second start of two processes)
+        for name in LIMITS:
+            train(RunConfig.from_dict(config(root, tmp_path / name, **RUNS[name])), resume=True)
+    finally:
+        os.umask(before)
+    assert latest_good_checkpoint(tmp_path / "ckpt") == str(tmp_path / "ckpt" / "checkpoint-6")
+    for name in LIMITS:
+        out = tmp_path / name
+        assert (out / "adapter_config.json").is_file() and (out / "train_results.json").is_file()
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert not [p for p in files if p.name.endswith(".tmp")]
+        assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}
+
+
+def test_a_directory_where_the_adapter_goes_is_one_line_naming_it(root, tmp_path, capsys):
+    """A fault of the final save that holds for root too: the rename onto ``adapter_model.safetensors`` fails."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, out, save_strategy="no")))
+    out.mkdir()
+    owned_run(root, out, save_strategy="no", max_steps=1)
+    (out / "adapter_model.safetensors").unlink()
+    (out / "adapter_model.safetensors").mkdir()
+    line = cli_error(capsys, ["train", str(cfg), "--resume"])
+    assert (
+        f"{out / 'adapter_model.safetensors'}: writing failed (a directory is where a file should be)" in line
+    )
+    assert line.endswith("then run again with --resume") and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/mem is Linux's")
+def test_a_data_file_that_cannot_be_read_is_one_line_naming_it(root, tmp_path, capsys):
+    """``/proc/self/mem`` is a regular file whose first byte cannot be read (EIO), for root too."""
+    data = "/proc/self/mem"
+    run = config(root, tmp_path / "run")
+    run["data"]["sources"] = [{"path": data}]
+    with pytest.raises(
+        FileSystemError, match=r"^/proc/self/mem: reading the data file failed \(Input/output error\)"
+    ):
+        train(RunConfig.from_dict(run))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    assert "/proc/self/mem: reading the data file failed" in cli_error(capsys, ["train", str(cfg)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions say (the EIO test above "
+                    "covers an unreadable data file for root)")  # fmt: skip
+def test_a_data_file_without_read_permission_is_one_line_naming_it(root, tmp_path, capsys):
+    data = tmp_path / "locked.jsonl"
+    shutil.copy(root / "good.jsonl", data)
+    data.chmod(0)
+    run = config(root, tmp_path / "run")
+    run["data"]["sources"] = [{"path": str(data)}]
+    with pytest.raises(
+        FileSystemError,
+        match=rf"^{re.escape(str(data))}: reading the data file failed \(permission denied\); give",
+    ):
+        train(RunConfig.from_dict(run))
+    data.chmod(0o644)  # the user fixes it: the same run goes on
+    train(RunConfig.from_dict(run), resume=True)

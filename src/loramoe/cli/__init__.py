@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from loramoe.errors import LoRAMoEError
+from loramoe.errors import FileSystemError, LoRAMoEError
 
 # The subcommands, in the order ``loramoe --help`` lists them; each module has ``register(subparsers)``.
 COMMANDS = (
@@ -52,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = " ".join(str(err).split("\n"))  # one line, even when a wrapped library message has several
         print(f"loramoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a fault of the file system that no command turned into its own error
+        if args.verbose:
+            raise
+        line = FileSystemError.from_fault(err, err.filename or Path.cwd(), doing=f"loramoe {args.command}")
+        print(f"loramoe {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loramoe {args.command}: interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from loramoe.config import BINARY_TASK_NAMES
-from loramoe.errors import ConfigError, DataError
+from loramoe.errors import ConfigError, DataError, FileSystemError
 from loramoe.files import JSONRefused, StrictDecoder, check_regular
 from loramoe.validation import is_int
 
@@ -124,6 +124,7 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[
 
     Raises:
         DataError: missing file, a directory, not UTF-8, empty, malformed JSON, or no records.
+        FileSystemError: the file cannot be read (permissions, an I/O error).
     """
     path = str(path)
     p = Path(path)
@@ -132,7 +133,10 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[
     if p.is_dir():
         raise DataError("is a directory; give a .json (array) or .jsonl file", path=path)
     check_regular(p, DataError, path=path)  # a FIFO would block forever, /dev/zero never end
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise FileSystemError.from_fault(err, path, doing="reading the data file") from err
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from loramoe.dirlock import DirectoryLock
-from loramoe.errors import ConfigError, LoRAMoEError
+from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, is_write_fault
 from loramoe.files import atomic_write_text, tagged_temp_files
 from loramoe.inject import inject, summary
 from loramoe.models.base import context_length
@@ -171,6 +171,8 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             checkpoints with the old run's, and a later resume could continue the wrong one.
         TrainingError: a NaN or infinite loss or gradient norm; the message names the step and the last good
             checkpoint.
+        FileSystemError: a file could not be read or written (a full disk, a file-size limit, permissions); the
+            message names the path and what to do, and the run continues with ``resume=True`` once it is done.
     """
     args = run.training_arguments()
     out = Path(args.output_dir)
@@ -184,11 +186,24 @@ def train(run: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             )
         if resume:
             check_resume_config(out, run)
-        if run_id is None:
-            return _train(run, out, None, resume)
-        sweep_leftovers(out, run_id)  # what a killed process of this run left, its temporary files included
-        with tagged_temp_files(run_id):  # named by the run id: the next process can prove they are its own
-            return _train(run, out, run_id, resume)
+        try:
+            if run_id is None:
+                return _train(run, out, None, resume)
+            # What a killed process of this run left, its temporary files included; this process names its own
+            # after the run id, so that the next one can prove they are its own.
+            sweep_leftovers(out, run_id)
+            with tagged_temp_files(run_id):
+                return _train(run, out, run_id, resume)
+        except FileSystemError as err:
+            # Whatever was being written is complete (atomic writes, marked checkpoints) or never used: the run
+            # goes on from its last checkpoint once the fault is repaired.
+            raise FileSystemError(f"{err}, then run again with --resume") from err
+        except Exception as err:
+            if isinstance(err, LoRAMoEError) or not is_write_fault(err):
+                raise
+            where = getattr(err, "filename", None) or out
+            fault = FileSystemError.from_fault(err, where, doing="training")
+            raise FileSystemError(f"{fault}, then run again with --resume") from err
 
 
 def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[str, Any]:

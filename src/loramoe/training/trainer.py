@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from loramoe.errors import TrainingError
+from loramoe.errors import FileSystemError, LoRAMoEError, TrainingError, is_write_fault
 from loramoe.inject import get_config
 from loramoe.loss import compute_loss
 from loramoe.models.quantization import adapters_attached
@@ -69,16 +69,22 @@ class GuardedTrainer(Trainer):
         check_parameters_finite(self.model, self.state.global_step)
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and self.run_id is None:
+            raise TrainingError(f"{run_dir}: no run id; train through loramoe's train() or build_trainer()")
+        try:
+            if self.args.should_save:
+                begin_checkpoint(folder, self.run_id)  # the owner marker goes in before any other file
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every process has written its files (its RNG state) by now
+            if self.args.should_save:
+                mark_complete(folder, self.run_id)
+        except Exception as err:
+            if isinstance(err, LoRAMoEError) or not is_write_fault(err):
+                raise
+            # Without its completion marker the folder is torn: a resume skips it and removes it.
+            where = getattr(err, "filename", None) or folder
+            raise FileSystemError.from_fault(err, where, doing="writing the checkpoint") from err
         if self.args.should_save:
-            if self.run_id is None:
-                raise TrainingError(
-                    f"{run_dir}: no run id; train through loramoe's train() or build_trainer()"
-                )
-            begin_checkpoint(folder, self.run_id)  # the owner marker goes in before any other file
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every process has written its files (its RNG state) by now
-        if self.args.should_save:
-            mark_complete(folder, self.run_id)
             if not checkpoint_is_complete(folder):
                 raise TrainingError(f"{folder}: written but does not verify; check the disk, then resume")
             rotate_checkpoints(run_dir, self.run_id, self.save_total_limit, self.state.best_model_checkpoint)
@@ -158,6 +164,8 @@ class LoRAMoETrainer(GuardedTrainer):
         # Under FSDP and DeepSpeed ZeRO-3 the Trainer passes the state it gathered from the shards.
         name = getattr(model, "name_or_path", None)
         data = getattr(self, "data_stats", None)  # set by build_trainer; shown on the adapter's model card
+        if self.processing_class is not None:  # first: the adapter's files, written atomically, come last
+            self.processing_class.save_pretrained(output_dir)
         save_sharded_adapter(
             model,
             output_dir,
@@ -165,8 +173,6 @@ class LoRAMoETrainer(GuardedTrainer):
             model_state=state_dict,
             data_summary=data.to_dict() if data is not None else None,
         )
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_sharded_adapter_weights(
