@@ -7,12 +7,14 @@ and library misuse raises loramoe errors. Shared setup: ``guarantees_helpers.py`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from loramoe.adapter import load_adapter, save_adapter
+from loramoe.cli import main
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import AdapterError, ConfigError, DataError
 from loramoe.inject import disable_experts, inject
@@ -213,3 +215,51 @@ def test_disable_experts_with_no_selection_and_load_adapter_with_a_name(tmp_path
         AdapterError, match=r"^name: adapter directory not found \(and not a Hub repository id"
     ):
         load_adapter(tiny_model("llama"), "name")
+
+
+def _results(label: str, score: object = 0.5, **task: object) -> dict:
+    return {
+        "schema": "loramoe.eval/1",
+        "label": label,
+        "config": {"adapter": None if label == "base" else "out"},
+        "tasks": {"boolq": {"suite": "downstream", "metric": "acc", "score": score, "n": 10, **task}},
+    }
+
+
+def test_compare_refuses_a_damaged_results_file_with_one_line_naming_the_field(tmp_path, capsys):
+    import json
+
+    base, tuned = tmp_path / "base.json", tmp_path / "tuned.json"
+    base.write_text(json.dumps(_results("base")))
+    argv = ["compare", str(base), str(tuned), "--out", str(tmp_path / "cmp"), "--no-plot"]
+    tuned.write_text(json.dumps(_results("tuned", 0.75)))
+    assert main(argv) == 0  # the control compares
+    cases = {
+        "nan-score": (json.dumps(_results("tuned", float("nan"))), r"field 'tasks\.boolq\.score': must be a finite"),
+        "string-score": (json.dumps(_results("tuned", "0.7")), r"field 'tasks\.boolq\.score': must be a finite"),
+        "bool-n": (json.dumps(_results("tuned", n=True)), r"field 'tasks\.boolq\.n': must be an integer >= 0"),
+        "missing-suite": (json.dumps(_results("tuned", suite=None)), r"field 'tasks\.boolq\.suite': must be"),
+        "missing-score": (json.dumps(_results("tuned")).replace('"score": 0.5, ', ""),
+                          r"field 'tasks\.boolq\.score': must be a finite number, got nothing \(the field is missing"),
+        "missing-label": (json.dumps({**_results("x"), "label": None}), r"field 'label': must be a non-empty"),
+        "tasks-a-list": (json.dumps({**_results("x"), "tasks": []}), r"field 'tasks': must be an object"),
+        "task-a-number": (json.dumps({**_results("x"), "tasks": {"t": 1}}), r"field 'tasks\.t': must be an object"),
+        "config-missing": (json.dumps({k: v for k, v in _results("x").items() if k != "config"}),
+                           r"field 'config': must be an object"),
+        "not-utf8": (json.dumps(_results("tuné"), ensure_ascii=False).encode("latin-1"), r"not UTF-8"),
+        "deep": ('{"schema": ' + "[" * 5000 + "]" * 5000 + "}", r"nested too deeply|nested deeper"),
+        "key-twice": (json.dumps(_results("tuned")).replace('"n": 10', '"n": 10, "n": 11'),
+                      r"field 'n': the key is given twice"),
+        "long-integer": (json.dumps(_results("tuned")).replace('"n": 10', '"n": ' + "1" * 5000),
+                         r"field 'tasks\.boolq\.n': an integer of 5000 digits"),
+    }  # fmt: skip
+    for name, (content, match) in cases.items():
+        if isinstance(content, bytes):
+            tuned.write_bytes(content)
+        else:
+            tuned.write_text(content)
+        line = cli_error(capsys, argv)
+        assert "tuned.json" in line and re.search(match, line), (name, line)
+    for missing in (tmp_path / "nothing.json", tmp_path):
+        line = cli_error(capsys, ["compare", str(base), str(missing), "--out", str(tmp_path / "cmp")])
+        assert "no such results file" in line, line

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.errors import ConfigError
-from loramoe.files import atomic_path, atomic_write_text
-from loramoe.validation import is_int
+from loramoe.files import atomic_path, atomic_write_text, not_regular, read_json
+from loramoe.validation import is_int, is_number, shown
 
 __all__ = ["RESULTS_JSON", "RESULTS_MD", "SCHEMA", "compare", "results_markdown", "write_results"]
 
@@ -169,16 +169,44 @@ def _retention_table(
 
 
 def _read_run(path: Path) -> dict[str, Any]:
+    """A results file, checked for every field ``compare`` reads; errors name the file and the field."""
     file = path / RESULTS_JSON if path.is_dir() else path
+    if not file.is_file() and not_regular(file) is None:
+        raise ConfigError(f"{file}: no such results file; give a results.json or the folder holding one")
+    # NaN is read, to be reported by its field below rather than as unreadable JSON
     try:
-        run = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: cannot read evaluation results ({e})") from e
+        run = read_json(file, error=ConfigError, what="results file", constants=True)
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read the results file ({err.strerror or err})") from err
     if not isinstance(run, dict) or run.get("schema") != SCHEMA:
         raise ConfigError(
             f"{file}: not a loramoe results file (schema {SCHEMA!r}); write it with loramoe eval"
         )
+
+    def check(parent: dict, key: str, field: str, ok: Any, need: str) -> None:
+        if not ok(parent.get(key)):
+            got = shown(parent[key]) if key in parent else "nothing (the field is missing)"
+            raise ConfigError(
+                f"{file} field {field!r}: must be {need}, got {got}; the file was edited or damaged, write it "
+                "again with loramoe evaluate"
+            )
+
+    check(run, "label", "label", lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    check(run, "config", "config", lambda v: isinstance(v, dict), "an object")
+    check(run, "tasks", "tasks", lambda v: isinstance(v, dict), "an object of task results")
+    for task in run["tasks"]:
+        check(run["tasks"], task, f"tasks.{task}", lambda v: isinstance(v, dict), "an object")
+        for key, (ok, need) in _TASK_FIELDS.items():
+            check(run["tasks"][task], key, f"tasks.{task}.{key}", ok, need)
     return run
+
+
+_TASK_FIELDS = {
+    "suite": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "metric": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "score": (is_number, "a finite number"),
+    "n": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+}
 
 
 def _unique_labels(labels: list[str]) -> list[str]:
