@@ -78,7 +78,7 @@ def test_the_temporary_file_a_kill_leaves_is_swept_by_the_next_process_of_the_ru
     untagged.write_text("not provably loramoe's")
     train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
     assert not left.exists() and untagged.is_file()
-    assert sorted(p.name for p in out.glob(".*")) == [untagged.name]
+    assert sorted(p.name for p in out.glob(".*.tmp")) == [untagged.name]
 
 
 def _start_train(cfg: Path, *, file_size_limit: int) -> subprocess.Popen:
