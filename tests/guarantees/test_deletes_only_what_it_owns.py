@@ -10,6 +10,7 @@ guarded places and no message recommends destroying data. Shared setup: ``guaran
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -109,6 +110,49 @@ def test_a_copied_marker_or_run_config_does_not_make_a_folder_loramoe_s(root, tm
     assert latest_good_checkpoint(copy) == str(copy / "checkpoint-6")
     marker, original = (json.loads((d / OWNER_MARKER).read_text()) for d in (copy, run))
     assert marker["run_id"] == original["run_id"] and marker["directory"] != original["directory"]
+
+
+def test_an_edited_checkpoint_is_never_deleted(root, tmp_path, caplog):
+    """JSON files are checksummed by content: re-indented, a checkpoint still verifies and is resumed from. One
+    whose content changed after it was complete fails verification and is set aside, every byte kept, never
+    removed; the run resumes from the one before it and writes that step again."""
+    from loramoe.training.checkpoints import COMPLETE_MARKER, checkpoint_is_complete
+
+    out = tmp_path / "run"
+    owned_run(root, out, max_steps=6)
+    for path in (out / "checkpoint-6").glob("*.json"):
+        if path.name != COMPLETE_MARKER:
+            path.write_text(json.dumps(json.loads(path.read_text()), indent=7, sort_keys=True))
+    with caplog.at_level("INFO", logger="loramoe.train"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert f"resuming from {out / 'checkpoint-6'}" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-9",
+    ]
+    # an earlier loramoe checksummed JSON files byte for byte: its markers still verify
+    marker = out / "checkpoint-3" / COMPLETE_MARKER
+    body = json.loads(marker.read_text())
+    body["files"] = {
+        name: hashlib.sha256((out / "checkpoint-3" / name).read_bytes()).hexdigest() for name in body["files"]
+    }
+    marker.write_text(json.dumps(body))
+    assert checkpoint_is_complete(out / "checkpoint-3")
+
+    state = out / "checkpoint-9" / "trainer_state.json"
+    edited = json.loads(state.read_text())
+    edited["global_step"] = 8  # a changed value, not only layout
+    state.write_text(json.dumps(edited, indent=2))
+    before = tree(out / "checkpoint-9")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="loramoe.train"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    aside = out / "checkpoint-9.failed-verification"
+    assert tree(aside) == before  # set aside, untouched
+    assert "trainer_state.json differs from the checksum" in caplog.text and str(aside) in caplog.text
+    assert f"resuming from {out / 'checkpoint-6'}" in caplog.text and "removing" not in caplog.text
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-9")  # written again
 
 
 class Killed(BaseException):

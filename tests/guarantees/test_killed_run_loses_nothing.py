@@ -140,9 +140,14 @@ def test_torn_checkpoints_are_skipped_and_the_previous_good_one_is_used(workspac
     weights.write_bytes(weights.read_bytes()[:100])
     with caplog.at_level("WARNING", logger="loramoe.train"):
         assert latest_good_checkpoint(out) == str(out / "checkpoint-3")
-    assert "checkpoint-9" in caplog.text and "checkpoint-6" in caplog.text and "torn" in caplog.text
-    # the resumed run starts at step 3, removes the torn ones, and writes good ones in their place
+    assert f"skipping {out / 'checkpoint-9'} (no {COMPLETE_MARKER}: its save did not finish)" in caplog.text
+    assert (
+        f"skipping {out / 'checkpoint-6'} (adapter_model.safetensors differs from the checksum" in caplog.text
+    )
+    # the resumed run starts at step 3, removes its unfinished save, sets the damaged one aside (kept as it is) and
+    # writes good ones in their place
     train(RunConfig.from_dict(_run_config(workspace, out, max_steps=9)), resume=True)
+    assert (out / "checkpoint-6.failed-verification" / "adapter_model.safetensors").stat().st_size == 100
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 10))  # none redone
     assert latest_good_checkpoint(out) == str(out / "checkpoint-9")

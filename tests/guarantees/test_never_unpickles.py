@@ -25,7 +25,7 @@ from loramoe.models.trained import load_trained
 from loramoe.training.run_config import RunConfig
 from loramoe.training.train import train
 
-from guarantees_helpers import cli_error, config, make_root
+from guarantees_helpers import cli_error, config, make_root, tree
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -159,3 +159,32 @@ def test_src_never_calls_torch_load_without_weights_only():
         assert not re.search(
             r"from torch import .*\bload\b|\bpickle\.loads?\(|\bdill\b|numpy\.load\(.*allow_pickle=True", text
         ), path
+
+
+def test_a_pickle_in_a_checkpoints_optimizer_or_rng_state_is_refused_in_one_line(root, tmp_path, capsys):
+    """The Trainer reads a checkpoint's optimizer and RNG state with ``weights_only=True``: a payload in either,
+    even under a completion marker rewritten to match, never runs, and the resume stops with one line naming the
+    file, exit code 2, the checkpoints untouched."""
+    import yaml
+
+    from loramoe.training.checkpoints import mark_complete, run_id_of
+
+    out = tmp_path / "run"
+    train(RunConfig.from_dict(config(root, out, max_steps=6)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, out, max_steps=9)))
+    folder, marker = out / "checkpoint-6", tmp_path / "pwned"
+    for name in ("optimizer.pt", "rng_state.pth"):
+        good = (folder / name).read_bytes()
+        torch.save({"state": Payload(marker)}, folder / name)
+        mark_complete(folder, run_id_of(out))  # as an attacker would: the checksums match the payload
+        before = {sub: tree(out / sub) for sub in ("checkpoint-3", "checkpoint-6")}
+        line = cli_error(capsys, ["train", str(cfg), "--resume"])
+        assert line.startswith(
+            f"loramoe train: error: {folder / name}: refused on resume, it asks to build "
+        ), line
+        assert "nothing in it ran" in line and "move that folder out of training.output_dir" in line, line
+        assert not marker.exists()
+        assert {sub: tree(out / sub) for sub in before} == before
+        (folder / name).write_bytes(good)
+        mark_complete(folder, run_id_of(out))

@@ -17,7 +17,10 @@ checks that proof right before it removes anything, so a folder loramoe cannot p
 
 Completion. A checkpoint counts only once ``loramoe_complete.json``, holding the run id and the sha256 of every
 file in the folder, has been written (atomically) after the Trainer finished the folder. A resume takes the newest
-checkpoint of this run whose marker verifies, says which torn ones it skipped, and removes those (they are its own).
+checkpoint of this run whose marker verifies and says which ones it skipped and why. Those without a completion
+marker are saves a kill interrupted: the resumed run removes them (they are its own) to write the same steps again.
+Those whose marker no longer verifies were complete and have been changed since: they are never removed, only set
+aside as ``checkpoint-N.failed-verification`` so that nothing is lost and the user can look at them.
 
 Rotation (``save_total_limit``) is done here, not by transformers: only after the new checkpoint's marker verifies,
 and only among this run's complete checkpoints, so a kill at any moment leaves at least the last good one.
@@ -25,6 +28,7 @@ and only among this run's complete checkpoints, so a kill at any moment leaves a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +40,15 @@ from pathlib import Path
 
 from loramoe.dirlock import LOCK_FILE
 from loramoe.errors import ConfigError, LoRAMoEError, TrainingError
-from loramoe.files import atomic_write_text, fsync_dir, leftover_temp_files, read_json, sha256_file
+from loramoe.files import (
+    MAX_JSON_BYTES,
+    atomic_write_text,
+    fsync_dir,
+    leftover_temp_files,
+    not_regular,
+    read_json,
+    sha256_file,
+)
 
 logger = logging.getLogger("loramoe.train")
 
@@ -219,7 +231,7 @@ def begin_checkpoint(folder: Path, run_id: str) -> None:
         if not is_owned(folder, run_id):
             refuse_foreign(folder.parent, run_id)
             raise TrainingError(f"{folder}: a file, not this run's checkpoint; move it away")
-        _remove_owned(folder, run_id, "an unfinished checkpoint of the same step")
+        _clear_owned(folder, run_id, "a checkpoint of the same step")
     new = folder.parent / f".{folder.name}.new-{run_id}"
     new.mkdir()
     atomic_write_text(new / OWNER_MARKER, json.dumps({"run_id": run_id}) + "\n")
@@ -230,49 +242,106 @@ def begin_checkpoint(folder: Path, run_id: str) -> None:
 def mark_complete(folder: Path, run_id: str | None = None) -> None:
     """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last."""
     files = {
-        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
+        p.name: _digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
     }
     body = {"files": files, **({"run_id": run_id} if run_id else {})}
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps(body, indent=1, sort_keys=True))
 
 
+def _digest(path: Path) -> str:
+    """The checksum of a file as the completion marker records it.
+
+    A JSON file's checksum is that of its parsed content written canonically (sorted keys, no spaces), not of its
+    bytes. Every JSON file in a checkpoint (trainer state, configs, tokenizer files, markers) is only ever read by
+    parsing it, so its content is what it means: a user or a tool that re-indents it or reorders its keys has
+    damaged nothing, and the checkpoint must stay resumable. What the checksum is for is still caught: a torn JSON
+    file does not parse, and any changed value changes the canonical text. Other files are hashed byte for byte,
+    and so is a JSON file too large to parse cheaply or one that does not parse.
+    """
+    if path.suffix == ".json" and path.stat().st_size <= MAX_JSON_BYTES:
+        try:
+            value = json.loads(path.read_bytes())
+            text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            return "json:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+        except (ValueError, RecursionError):
+            pass
+    return sha256_file(path)
+
+
+def verification_problem(folder: Path) -> str | None:
+    """What keeps ``folder`` from verifying (no completion marker, a file missing or changed), or None when every
+    file its completion marker lists is there with its recorded checksum."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.exists():
+        return f"no {COMPLETE_MARKER}: its save did not finish"
+    try:
+        files = read_json(marker, error=ConfigError, what="marker")["files"]
+        if not isinstance(files, dict) or not files:
+            return f"{COMPLETE_MARKER} lists no files"
+        for name, digest in sorted(files.items()):
+            path = folder / name
+            if not isinstance(name, str) or Path(name).name != name or not path.exists():
+                return f"{name} is missing"
+            special = not_regular(path)
+            if special is not None or not path.is_file():
+                return f"{name} is {special or 'a directory'}, not a regular file"
+            # a marker written before JSON files were checksummed by content holds the bytes' checksum
+            if digest != _digest(path) and not (path.suffix == ".json" and digest == sha256_file(path)):
+                return f"{name} differs from the checksum in {COMPLETE_MARKER}"
+    except (OSError, LoRAMoEError, KeyError, TypeError, AttributeError) as err:
+        return f"{COMPLETE_MARKER} cannot be read ({err})"
+    return None
+
+
 def checkpoint_is_complete(folder: Path) -> bool:
     """Whether ``folder``'s completion marker lists files that are all there with their recorded checksums."""
-    try:
-        files = read_json(folder / COMPLETE_MARKER, error=ConfigError, what="marker")["files"]
-        return bool(files) and all(sha256_file(folder / name) == digest for name, digest in files.items())
-    except (OSError, LoRAMoEError, KeyError, TypeError, AttributeError):
-        return False
+    return verification_problem(folder) is None
 
 
 def latest_good_checkpoint(
     output_dir: str | os.PathLike, *, quiet: bool = False, run_id: str | None = None
 ) -> str | None:
     """The newest ``checkpoint-N`` of this run (``run_id``, default: the output directory's) whose completion
-    marker verifies; torn ones are reported, other runs' folders are not considered."""
+    marker verifies; the ones skipped are reported with the reason, other runs' folders are not considered."""
     run_id = run_id or run_id_of(output_dir)
     for folder in list_checkpoints(output_dir):
         if not is_owned(folder, run_id):
             continue
-        if checkpoint_is_complete(folder):
+        problem = verification_problem(folder)
+        if problem is None:
             return str(folder)
         if not quiet:
-            logger.warning(
-                "skipping %s: torn or incomplete checkpoint (no valid %s); using an older one",
-                folder,
-                COMPLETE_MARKER,
-            )
+            logger.warning("skipping %s (%s); using an older checkpoint", folder, problem)
     return None
 
 
 def remove_torn_checkpoints(output_dir: str | os.PathLike, keep: str | None, run_id: str) -> None:
-    """Delete this run's checkpoints newer than ``keep`` (all of them when None): they are torn, and the resumed
-    run would otherwise write its own checkpoint of the same step over their leftovers."""
+    """Clear this run's checkpoints newer than ``keep`` (all of them when None), which the resumed run writes
+    again: remove the unfinished ones (no completion marker: a save a kill interrupted), set aside the ones that
+    were complete and no longer verify (``_clear_owned``)."""
     _sweep_leftovers(Path(output_dir), run_id)
     for folder in list_checkpoints(output_dir):
         if keep is not None and folder == Path(keep):
             return
-        _remove_owned(folder, run_id, "a torn checkpoint")
+        _clear_owned(folder, run_id, "newer than the checkpoint the run resumes from")
+
+
+def _clear_owned(folder: Path, run_id: str, why: str) -> None:
+    """Make way for this run's new checkpoint at ``folder``'s step. A folder without a completion marker is a save
+    of this run that a kill interrupted, and is removed. One with a completion marker was finished: whatever has
+    happened to it since (a file edited, truncated or replaced), it is never removed, only renamed aside under a
+    name that says why, with a warning naming it."""
+    if not (folder / COMPLETE_MARKER).exists():
+        _remove_owned(folder, run_id, f"an unfinished save, {why}")
+        return
+    problem = verification_problem(folder) or "complete, but the run writes this step again"
+    for n in range(1, 1000):
+        aside = folder.with_name(f"{folder.name}.failed-verification" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            break
+    os.rename(folder, aside)
+    fsync_dir(folder.parent)
+    logger.warning("%s (%s): set aside as %s, untouched; the run does not use it", folder, problem, aside)
 
 
 def rotate_checkpoints(

@@ -25,13 +25,15 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from loramoe.dirlock import DirectoryLock
-from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, is_write_fault
+from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, TrainingError, is_write_fault
 from loramoe.files import atomic_write_text, tagged_temp_files
 from loramoe.inject import inject, summary
 from loramoe.models.base import context_length
@@ -213,7 +215,13 @@ def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[
         logger.info("resuming from %s", checkpoint or "the start (no complete checkpoint found)")
         if trainer.args.should_save:
             remove_torn_checkpoints(out, checkpoint, run_id)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except (pickle.UnpicklingError, EOFError) as err:
+        refused = _file_torch_load_read(err)
+        if checkpoint is None or refused is None:
+            raise
+        raise _refused_state(refused, checkpoint, err) from None
     check_parameters_finite(trainer.model, trainer.state.global_step)
     trainer.save_model(str(out))
     metrics = dict(result.metrics)
@@ -224,6 +232,35 @@ def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[
             out / "train_results.json", json.dumps(metrics, indent=2, sort_keys=True, default=str)
         )
     return metrics
+
+
+def _file_torch_load_read(err: BaseException) -> str | None:
+    """The file ``torch.load`` was reading when ``err`` was raised (its argument ``f``), if it raised there."""
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            f = frame.f_locals.get("f")
+            found = str(f) if isinstance(f, (str, os.PathLike)) else found
+        tb = tb.tb_next
+    return found
+
+
+def _refused_state(path: str, checkpoint: str, err: BaseException) -> TrainingError:
+    """The one-line error for a checkpoint's optimizer, scheduler or RNG state that ``torch.load`` refused.
+
+    The Trainer reads those files with ``weights_only=True``, which rebuilds tensors and plain values and refuses
+    anything else before it is built, so no code in the file ran; only the message is loramoe's."""
+    if isinstance(err, EOFError):
+        what = "it is truncated"
+    else:
+        name = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"it asks to build {name.group(1)}" if name else "it holds something other than tensors"
+    return TrainingError(
+        f"{path}: refused on resume, {what}; it was read with torch.load(weights_only=True), so nothing in it ran. "
+        f"{checkpoint} was changed after loramoe wrote it: move that folder out of training.output_dir to resume "
+        "from the checkpoint before it, or start a new output_dir"
+    )
 
 
 def _claim(out: Path, writes: bool, held: contextlib.ExitStack) -> str | None:
