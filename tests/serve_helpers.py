@@ -89,6 +89,25 @@ def make_adapters(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+class Gate:
+    """Holds a model's forwards while closed, so a test can act on the server while its batch stands still (the
+    decoding thread waits in its next forward; nothing else is held)."""
+
+    def __init__(self, model):
+        self._open = threading.Event()
+        self._open.set()
+        model.register_forward_pre_hook(self._wait)
+
+    def _wait(self, module, args) -> None:
+        self._open.wait(60)
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+
 class Running:
     """A server started on a background thread; ``url`` is its base URL."""
 

@@ -5,7 +5,6 @@ dead decoding thread fails ``/health`` and every request at once. Shared setup: 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from loramoe.cli import main
 
-from serve_helpers import USER, chat, make_adapters, running
+from serve_helpers import USER, Gate, chat, make_adapters, running
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,17 @@ def test_a_plain_request_whose_client_hangs_up_leaves_its_batch(adapters):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
+        gate = Gate(server.state.loop.model)
         assert batcher.wait_for(lambda b: b.running == 1, 30)  # it is decoding
+        gate.close()  # the batch stands still at its next forward
         steps = batcher.steps
         sock.close()
-        assert batcher.wait_for(lambda b: b.abandoned == 1, 30)
-        assert batcher.steps - steps < 200 and batcher.running == 0
+        assert batcher.wait_for(
+            lambda b: b.running == 0, 30
+        )  # the server saw the hang-up and gave up the job
+        gate.open()
+        assert batcher.wait_for(lambda b: b.abandoned == 1, 30)  # and the job left the batch
+        assert batcher.steps - steps <= 2  # the step in flight when the gate closed, and the one it held
         assert httpx.get(server.url + "/health").json()["abandoned"] == 1
 
 
@@ -95,18 +100,14 @@ def test_idle_sockets_do_not_starve_health(adapters):
 
 def test_a_new_connection_gets_503_when_every_connection_has_a_request_in_hand(adapters):
     with running(adapters["plain"], max_connections=2) as server:
-        release = threading.Event()  # the decoder waits in its forward until the test releases it
-
-        def hold(module, args):
-            release.wait(30)
-
-        server.state.loop.model.register_forward_pre_hook(hold)
+        gate = Gate(server.state.loop.model)
+        gate.close()  # the requests stay in hand
         body = {"messages": USER, "max_tokens": 2}
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(chat, server.url, body) for _ in range(2)]
             assert server.state.batcher.wait_for(lambda b: b.running + b.waiting == 2, 30)
             refused = httpx.get(server.url + "/health")
-            release.set()
+            gate.open()
             assert [f.result().status_code for f in held] == [200, 200]
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
         assert httpx.get(server.url + "/health").status_code == 200  # answered: room again
