@@ -125,3 +125,74 @@ def test_task_types_of_the_wrong_shape_or_kind_are_data_errors(task_types):
             localized_balancing_loss(probs, task_types, group_of_expert=[0, 1], delta=0.1, weight=0.1)
         with pytest.raises(DataError, match=r"task_types must have shape \(2,\)"):
             routing_sums({"m": probs}, task_types, group_of_expert=[0, 1], num_types=2)
+
+
+def test_a_special_token_written_in_a_record_is_counted_warned_about_or_refused(
+    root, tmp_path, caplog, capsys
+):
+    """``<|im_end|>`` quoted in an answer is tokenised as the tokenizer's end-of-turn token: the run counts such
+    samples in train_results.json and warns naming the first record (default), or stops at it (``refuse``)."""
+    import yaml
+
+    from guarantees_helpers import RECORDS, cli_error, config
+    from tiny import tiny_tokenizer
+
+    quoted = {
+        "instruction": "How does ChatML end a turn?",
+        "output": "With <|im_end|> after it.",
+        "task_type": 0,
+    }
+    data = tmp_path / "quoted.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0], quoted, *RECORDS[1:]]))
+    raw = config(root, tmp_path / "out", max_steps=1)
+    raw["data"]["sources"] = [{"path": str(data)}]
+
+    from loramoe.data.dataset import build_dataset
+    from loramoe.data.sources import DataConfig
+
+    built = build_dataset(DataConfig.from_dict({**raw["data"], "seed": 0}), tiny_tokenizer())
+    assert built.stats.special_token_samples == 1
+    assert built.stats.special_token_first == "quoted.jsonl:2 answer '<|im_end|>'"
+    eos = tiny_tokenizer().eos_token_id
+    sample = next(f for f in built.train if f["labels"].count(eos) == 2)  # the quoted one and the real end
+    assert sample["labels"][-1] == eos
+
+    caplog.set_level("WARNING", logger="loramoe.data")
+    owned_run_dir = tmp_path / "out"
+    train_module.train(train_module.RunConfig.from_dict(raw))
+    results = json.loads((owned_run_dir / "train_results.json").read_text())
+    assert results["data"]["special_token_samples"] == 1
+    assert any("quoted.jsonl:2 answer '<|im_end|>'" in r.getMessage() for r in caplog.records)
+
+    refuse = {**raw, "data": {**raw["data"], "special_tokens_in_text": "refuse"}}
+    refuse["training"] = {**raw["training"], "output_dir": str(tmp_path / "out2")}
+    (tmp_path / "refuse.yaml").write_text(yaml.safe_dump(refuse))
+    line = cli_error(capsys, ["train", str(tmp_path / "refuse.yaml")])
+    assert re.search(r"quoted\.jsonl:2: the answer holds '<\|im_end\|>', a special token", line), line
+    assert not (tmp_path / "out2" / "adapter_model.safetensors").exists()
+
+    caplog.clear()
+    allow = DataConfig.from_dict({**raw["data"], "special_tokens_in_text": "allow"})
+    assert build_dataset(allow, tiny_tokenizer()).stats.special_token_samples == 1  # counted, not warned
+    assert not any("special token" in r.getMessage() for r in caplog.records)
+
+
+def test_changing_the_special_token_check_on_resume_is_allowed(root, tmp_path):
+    """The check changes no sample, so a run started without it (an earlier loramoe) or with another setting
+    resumes; a change of a setting that does change samples is still refused."""
+    from loramoe.errors import ConfigError
+    from loramoe.training.run_config import RunConfig
+    from loramoe.training.train import RUN_CONFIG_NAME, check_resume_config
+
+    from guarantees_helpers import config
+
+    raw = config(root, tmp_path)
+    before = RunConfig.from_dict(raw).to_dict()
+    del before["data"]["special_tokens_in_text"]
+    (tmp_path / RUN_CONFIG_NAME).write_text(json.dumps(before, default=str))
+    check_resume_config(tmp_path, RunConfig.from_dict(raw))
+    check_resume_config(
+        tmp_path, RunConfig.from_dict({**raw, "data": {**raw["data"], "special_tokens_in_text": "refuse"}})
+    )
+    with pytest.raises(ConfigError, match=r"data\.max_length"):
+        check_resume_config(tmp_path, RunConfig.from_dict({**raw, "data": {**raw["data"], "max_length": 40}}))

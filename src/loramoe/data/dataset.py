@@ -16,12 +16,16 @@ Notable decisions:
   it does not fit beside one prompt token (then the prompt keeps ``max_length // 2`` tokens and the answer
   loses its tail and its EOS). The reference cut whole sequences from the right, which can leave no label.
 - A source's ``task_type`` overrides the records' own ``task_type`` (logged when they differ).
+- A special token of the tokenizer written out in a record's text (``<|im_end|>`` quoted in an answer) becomes
+  that token, as the tokenizer reads it; such samples are counted (``DataStats.special_token_samples``) and,
+  per ``data.special_tokens_in_text``, warned about (default), refused or allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +67,22 @@ class ExampleEncoder:
         # plain template: BOS only where the tokenizer adds it itself (as the reference's Llama tokenizer did)
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.add_bos = self.template == "plain" and self.bos is not None and probe[:1] == [self.bos]
+        self._specials = _special_tokens_pattern(tokenizer)
+
+    def special_token_in(self, example: Example) -> tuple[str, str] | None:
+        """The first special token of the tokenizer written as text in what ``encode`` tokenises of ``example``,
+        and where ("answer" or "prompt"); None when there is none."""
+        if self._specials is None:
+            return None
+        example, _ = self._bounded(example)
+        prompts = (
+            [m["content"] for m in example.chat_messages()] if self.template == "chat" else [example.prompt]
+        )
+        for where, texts in (("answer", [example.answer]), ("prompt", prompts)):
+            found = next((m for m in map(self._specials.search, texts) if m), None)
+            if found:
+                return found.group(0), where
+        return None
 
     def prompt_ids(self, example: Example) -> list[int]:
         """The prompt's tokens, ending where the answer starts (the chat template's generation prompt)."""
@@ -129,6 +149,15 @@ class ExampleEncoder:
         return dataclasses.replace(
             example, prompt=example.prompt[-chars:], answer=example.answer[:chars], messages=messages
         ), answer_cut
+
+
+def _special_tokens_pattern(tokenizer: Any) -> re.Pattern | None:
+    """A pattern matching any special token of ``tokenizer`` (its named ones and added tokens marked special)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens |= {str(t) for t in added.values() if getattr(t, "special", False)}
+    tokens = sorted((t for t in tokens if t), key=len, reverse=True)  # the longest first: "<s>" inside "<s>x"
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 class DataCollatorForLoRAMoE:
@@ -205,6 +234,8 @@ class DataStats:
     tokens: int = 0
     label_tokens: int = 0
     template: str = ""
+    special_token_samples: int = 0
+    special_token_first: str | None = None  # "train.jsonl:7 answer '<|im_end|>'"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -247,6 +278,7 @@ def build_dataset(
     stats = DataStats(template=encoder.template, skipped_invalid=sum(skipped for _, skipped in loaded))
     features = []
     for example in mixed:
+        _check_special_tokens(encoder, example, stats, data_cfg.special_tokens_in_text)
         f, truncated = encoder.encode(example)
         features.append(f)
         stats.prompt_truncated += truncated == "prompt"
@@ -261,8 +293,34 @@ def build_dataset(
     if stats.prompt_truncated or stats.answer_truncated:
         logger.warning("data: %d prompts cut from the left, %d answers cut from the right (max_length=%d)",
                        stats.prompt_truncated, stats.answer_truncated, data_cfg.max_length)  # fmt: skip
+    if stats.special_token_samples and data_cfg.special_tokens_in_text == "warn":
+        logger.warning(
+            "data: %d samples hold a special token of the tokenizer written as text (the first: %s); each is "
+            "trained as that token, not as its characters. Edit the text, or set data.special_tokens_in_text: "
+            "refuse to stop at such records, or allow to train them as they are without this warning",
+            stats.special_token_samples, stats.special_token_first,
+        )  # fmt: skip
     missing = [name for name, n in stats.per_task.items() if n == 0]
     if missing:
         logger.warning("data: no training examples of task type(s) %s for the balancing constraint", missing)
     cut = len(mixed) - n_val
     return BuiltData(features[:cut], features[cut:] if n_val else None, stats)
+
+
+def _check_special_tokens(encoder: ExampleEncoder, example: Example, stats: DataStats, mode: str) -> None:
+    """Count a sample whose text holds a special token; under ``refuse``, stop at it naming the record."""
+    found = encoder.special_token_in(example)
+    if found is None:
+        return
+    token, where = found
+    if mode == "refuse":
+        raise DataError(
+            f"the {where} holds {token!r}, a special token of the tokenizer, written as text; it would be trained "
+            "as that token. Edit the text, or set data.special_tokens_in_text: allow (or warn) to train it so",
+            path=example.source,
+            line=example.line,
+        )
+    stats.special_token_samples += 1
+    if stats.special_token_first is None:
+        at = f"{example.source}:{example.line}" if example.line is not None else example.source
+        stats.special_token_first = f"{at} {where} {token!r}"

@@ -49,6 +49,9 @@ from loramoe.validation import (
 logger = logging.getLogger("loramoe.data")
 
 TEMPLATES = ("auto", "chat", "plain")
+SPECIAL_TOKENS_IN_TEXT = ("warn", "refuse", "allow")
+# DataConfig fields that only check the data and never change a sample: a resumed run may change them.
+CHECK_ONLY_FIELDS = ("special_tokens_in_text",)
 
 
 def _name(value: Any) -> bool:
@@ -88,6 +91,7 @@ _DATA_RULES = {
     "val_size": (lambda v: (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v < 1),
                  "a count >= 0 or a fraction in [0, 1)"),
     "total_samples": optional(integer(1)),
+    "special_tokens_in_text": one_of(SPECIAL_TOKENS_IN_TEXT),
 }  # fmt: skip
 
 
@@ -162,6 +166,9 @@ class DataConfig:
         template: "auto" (chat template if the tokenizer has one, else plain), "chat" or "plain".
         val_size: validation examples held out after shuffling: a count, or a fraction in [0, 1).
         total_samples: the mixture size that source ``ratio``s are shares of.
+        special_tokens_in_text: a record whose text holds a special token of the tokenizer written out (an answer
+            quoting ``<|im_end|>``) is tokenised as that token, not as text: "warn" (count them, warn naming the
+            first record), "refuse" (stop at the first, naming it) or "allow" (count them only).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -170,6 +177,7 @@ class DataConfig:
     template: str = "auto"
     val_size: int | float = 0
     total_samples: int | None = None
+    special_tokens_in_text: str = "warn"
 
     def __post_init__(self) -> None:
         check_fields(self, _DATA_RULES)

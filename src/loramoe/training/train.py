@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from loramoe.data.sources import CHECK_ONLY_FIELDS
 from loramoe.dirlock import DirectoryLock
 from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, TrainingError, is_write_fault
 from loramoe.files import atomic_write_text, tagged_temp_files
@@ -309,7 +310,8 @@ def _first_error_of_all_processes(error: LoRAMoEError | None) -> LoRAMoEError | 
 def check_resume_config(output_dir: Path, run: RunConfig) -> None:
     """On resume, compare the run config with the one the run started with (``loramoe_run.json``).
 
-    A changed ``training`` setting (more steps, another logging interval) is allowed and each change is logged;
+    A changed ``training`` setting (more steps, another logging interval), or a data check that changes no sample
+    (``data.sources.CHECK_ONLY_FIELDS``), is allowed and each change is logged;
     any other change (method, model, dtype, adapter, data) would continue a different run from this one's
     checkpoints and is refused, naming every changed field.
     """
@@ -325,7 +327,8 @@ def check_resume_config(output_dir: Path, run: RunConfig) -> None:
         (k, before[k], "(absent)") for k in sorted(before.keys() - now.keys()) if before[k] is not None
     ]
     changed += [(k, "(absent)", now[k]) for k in sorted(now.keys() - before.keys()) if k.startswith("data.")]
-    refused = [c for c in changed if not c[0].startswith("training.")]
+    checks = {f"data.{name}" for name in CHECK_ONLY_FIELDS}  # they change no sample
+    refused = [c for c in changed if not c[0].startswith("training.") and c[0] not in checks]
     if refused:
         shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
