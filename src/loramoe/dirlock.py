@@ -14,6 +14,8 @@ Design decisions:
   says so.
 - The lock file is never removed: removing it would let a process that opened it just before hold a lock on a file
   no one else can see.
+- On a file system without locks (some network and FUSE mounts) the run goes on with a warning that it cannot be
+  protected from a second writer, rather than refusing every run there.
 - Within one process the lock is re-entrant (the training run and the final ``save_adapter`` it calls), counted
   per directory; only when the last holder in the process releases it does the file lock go.
 """
@@ -43,6 +45,7 @@ logger = logging.getLogger("loramoe")
 LOCK_FILE = ".loramoe.lock"
 _MAX_INFO_BYTES = 4096
 _BUSY = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK}
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 # The directories this process holds: (st_dev, st_ino) -> [the lock file's descriptor, how many holders].
 _HELD: dict[tuple[int, int], list[int]] = {}
@@ -101,10 +104,19 @@ class DirectoryLock:
                     f"({_describe(holder)}); two processes writing one directory would destroy "
                     "each other's files. Wait for it to finish, or choose another output directory"
                 ) from None
-            raise self.error(
-                f"{self.what} {str(self.directory)!r}: cannot lock {LOCK_FILE} ({err.strerror or err}); the file "
-                "system may not support locks, choose a directory on a local disk"
-            ) from err
+            if err.errno not in _UNSUPPORTED:
+                raise self.error(
+                    f"{self.what} {str(self.directory)!r}: cannot lock {LOCK_FILE} ({err.strerror or err}); "
+                    "choose a directory on a local disk"
+                ) from err
+            # Some network and FUSE file systems have no locks: refusing them would refuse every run there.
+            logger.warning(
+                "%s: the file system cannot lock files (%s), so a second process writing there at the same time "
+                "cannot be stopped; start one run per directory",
+                self.directory,
+                err.strerror or err,
+            )
+            fd = os.open(path, os.O_RDWR)
         previous = _read_info(fd)
         if previous:
             logger.warning(
