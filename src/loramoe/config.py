@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramoe.errors import ConfigError
-from loramoe.files import JSONRefused, StrictDecoder
+from loramoe.strict_json import JSONRefused, StrictDecoder
 from loramoe.validation import check_fields, from_mapping, integer, list_of, number, one_of, optional, text
 
 # model_type -> names of the feed-forward linears of one decoder layer (LoRAMoE adapts exactly these).
@@ -183,7 +183,7 @@ class LoRAMoEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> LoRAMoEConfig:
-        """The config of ``to_json``'s text; JSON as strict as a file's (``files.StrictDecoder``).
+        """The config of ``to_json``'s text; JSON as strict as a file's (``strict_json.StrictDecoder``).
 
         Raises:
             ConfigError: not a JSON string, or a value the config refuses.

@@ -8,8 +8,8 @@ alias expansion, from regular files only. A hostile or mistaken file therefore e
 never in memory exhaustion (YAML aliases expanding a few lines into billions of values), a recursion error
 (thousands of nested brackets) or a read that blocks forever (a FIFO) or never ends (``/dev/zero``). A YAML key
 given twice in one mapping is an error too: the parser would otherwise keep the last one silently; so is a key
-given twice in one JSON object (``StrictDecoder``, for small documents and data records alike). Integers in both
-are bounded (``loramoe.validation.MAX_INT_DIGITS``). The limits are far above any real config: a run config is a
+given twice in one JSON object (``loramoe.strict_json``, for small documents and data records alike). Integers in
+both are bounded (``loramoe.validation.MAX_INT_DIGITS``). The limits are far above any real config: a run config is a
 few hundred bytes, a dozen levels deep.
 """
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, is_write_fault
-from loramoe.validation import MAX_INT_DIGITS, too_long_int
+from loramoe.strict_json import JSONRefused, StrictDecoder
+from loramoe.validation import too_long_int
 
 # YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; YAML 1.2 and users read it as a float.
 YAML_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -203,78 +204,6 @@ def read_json(
         raise error(f"{path}: not valid JSON (nested too deeply)") from None
     _check_size(value, str(path), error)
     return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-class JSONRefused(ValueError):
-    """A JSON document that parses but is refused: a key given twice in one object, or an integer of more than
-    ``MAX_INT_DIGITS`` digits. ``field`` is where, as ``messages[0].content`` (None: not known)."""
-
-    def __init__(self, problem: str, field: str | None = None) -> None:
-        super().__init__(problem)
-        self.problem, self.field = problem, field
-
-    def where(self) -> str:
-        """`` field 'x'`` for a message, or nothing."""
-        return "" if self.field is None else f" field {self.field!r}"
-
-
-class _LongInt:
-    """Stands in for an integer too long to convert, until the decoder has found where it is."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise JSONRefused("the key is given twice in one object; keep one", key)
-    return obj
-
-
-class StrictDecoder(json.JSONDecoder):
-    """``json.JSONDecoder`` that refuses what ``json`` would take silently or fail on with a traceback: a key given
-    twice in one object (``json`` keeps the last) and an integer of more than ``MAX_INT_DIGITS`` digits (``json``
-    raises a bare ``ValueError`` past 4,300); both as :class:`JSONRefused`. NaN and Infinity only if ``constants``.
-    Depth is not bounded here: deep nesting raises ``RecursionError``, which callers report."""
-
-    def __init__(self, *, constants: bool = False) -> None:
-        super().__init__(
-            parse_int=self._int,
-            object_pairs_hook=_unique_keys,
-            parse_constant=None if constants else _no_constant,
-        )
-        self._long: str | None = None  # the first long integer's literal
-
-    def _int(self, literal: str) -> Any:
-        if len(literal) <= MAX_INT_DIGITS or too_long_int(literal) is None:
-            return int(literal)
-        self._long = self._long or literal
-        return _LongInt()
-
-    def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
-        self._long = None
-        value, end = super().raw_decode(s, idx)
-        if self._long is not None:
-            raise JSONRefused(too_long_int(self._long) or "", _long_int_path(value))
-        return value, end
-
-
-def _long_int_path(value: Any) -> str | None:
-    """Where the first ``_LongInt`` of a decoded value is, as ``a.b[2]`` (None: the value itself)."""
-    stack: list[tuple[Any, str | None]] = [(value, None)]
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, _LongInt):
-            return path
-        if isinstance(node, dict):
-            stack.extend((v, k if path is None else f"{path}.{k}") for k, v in reversed(node.items()))
-        elif isinstance(node, list):
-            stack.extend((v, f"{path or ''}[{i}]") for i, v in reversed(list(enumerate(node))))
-    return None
 
 
 class _Refused(Exception):

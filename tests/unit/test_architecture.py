@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "loramoe"
 
 CORE = {
     "config", "layer", "inject", "routing", "loss", "adapter", "errors", "files", "validation", "weights", "hub", "card",
-    "dirlock",
+    "dirlock", "strict_json",
 }  # fmt: skip
 # Higher layers may import lower ones and their own package; a package never imports a sibling of its own layer.
 LAYERS = {

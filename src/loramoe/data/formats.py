@@ -9,8 +9,7 @@ Notable decisions:
   ``train.json[12]:40 field 'output': ...`` in a JSON array (0-based record index, then the line the record
   starts on: the array is walked record by record with ``JSONDecoder.raw_decode``); ``name[12]`` for row 12
   of a ``datasets.Dataset``.
-- A key given twice in one record, and an integer of more digits than loramoe reads, are errors naming the file,
-  line and key (``files.StrictDecoder``): JSON parsers keep the last of two keys silently.
+- A key given twice in a record and an integer too long to read are errors naming the key (``strict_json``).
 - Task types are ints in ``range(len(task_names))``; records may give the int or the name. The defaults follow
   the reference (arXiv 2312.09979, ``data/tiny_data``): 0 = downstream task, 1 = world knowledge (closed-book
   QA).
@@ -28,7 +27,8 @@ from typing import Any, NamedTuple
 
 from loramoe.config import BINARY_TASK_NAMES
 from loramoe.errors import ConfigError, DataError, FileSystemError
-from loramoe.files import JSONRefused, StrictDecoder, check_regular
+from loramoe.files import check_regular
+from loramoe.strict_json import JSONRefused, StrictDecoder
 from loramoe.validation import is_int
 
 # format -> the keys that identify it (checked in this order by detect_format).
@@ -194,8 +194,7 @@ def _json_array(text: str, pos: int, path: str) -> list[Row]:
 
 def _jsonl(text: str, path: str, skip_invalid: bool) -> tuple[list[Row], int]:
     rows: list[Row] = []
-    skipped = 0
-    decoder = StrictDecoder(constants=True)
+    skipped, decoder = 0, StrictDecoder(constants=True)
     # split on "\n" only: str.splitlines would also split inside JSON strings holding U+2028 and friends.
     for line, chunk in enumerate(text.split("\n"), start=1):
         if not chunk.strip():

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from loramoe.errors import DataError
-from loramoe.files import JSONRefused, StrictDecoder, check_regular
+from loramoe.files import check_regular
+from loramoe.strict_json import JSONRefused, StrictDecoder
 
 # Record fields that hold a prompt, in order of preference; "input" is appended to "instruction".
 PROMPT_FIELDS = ("prompt", "instruction", "question")
