@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from loramoe.cli import main
 from loramoe.config import LoRAMoEConfig
-from loramoe.dirlock import LOCK_FILE
+from loramoe.dirlock import LOCK_FILE, read_holder
 from loramoe.errors import AdapterError, ConfigError
 from loramoe.training.checkpoints import COMPLETE_MARKER, OWNER_MARKER
 from loramoe.training.run_config import RunConfig
@@ -152,3 +152,12 @@ def test_a_foreign_directory_gets_no_lock_file(root, tmp_path):
     with pytest.raises(ConfigError, match="holds files loramoe did not write"):
         train(RunConfig.from_dict(config(root, theirs, **STEPS)))
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_that_fails_after_its_claim_releases_the_directory(root, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(root, out, **STEPS)
+    cfg["data"]["max_length"] = 4096  # past the tiny model's context: refused after the claim
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        train(RunConfig.from_dict(cfg))
+    assert (out / LOCK_FILE).is_file() and read_holder(out) == {}  # released cleanly, not left held
