@@ -48,6 +48,18 @@ BAD_REQUESTS = {
     "malformed JSON": (b'{"model": "tiny", "messages": [', 400, None, "not valid JSON"),
     "not an object": (b"[1, 2]", 400, None, "must be a JSON object"),
     "NaN": (b'{"model": "tiny", "messages": [], "temperature": NaN}', 400, None, "NaN"),
+    "a key twice": (
+        b'{"model": "tiny", "messages": [], "max_tokens": 2, "max_tokens": 9}',
+        400,
+        "max_tokens",
+        "given twice",
+    ),
+    "a 500-digit integer": (
+        b'{"model": "tiny", "messages": [], "seed": ' + b"9" * 500 + b"}",
+        400,
+        "seed",
+        "an integer of 500 digits",
+    ),
     "missing messages": ({}, 400, "messages", "required"),
     "empty messages": ({"messages": []}, 400, "messages", "at least 1"),
     "messages not a list": ({"messages": "Hi"}, 400, "messages", "valid list"),
@@ -118,3 +130,19 @@ def test_a_completion_prompt_list_of_several_is_refused(strict):
     body = {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2}
     response = httpx.post(strict.url + "/v1/completions", json=body)
     assert response.status_code == 400 and "one per request" in response.json()["error"]["message"]
+
+
+def test_integers_past_pythons_limit_are_a_400_naming_the_field():
+    """5,000 digits would make ``json`` raise a bare ValueError (Python's 4,300-digit limit); the body's
+    strict decoder names the field instead, as it does for a nested one."""
+    from loramoe.serve.protocol import APIError
+    from loramoe.serve.reading import parse_json
+
+    for body, param in [
+        (b'{"seed": ' + b"9" * 5000 + b"}", "seed"),
+        (b'{"messages": [{"role": "user", "n": -' + b"1" * 5000 + b"}]}", "messages[0].n"),
+    ]:
+        with pytest.raises(APIError) as info:
+            parse_json(body)
+        assert info.value.status == 400 and info.value.param == param, info.value.message
+        assert "an integer of 5000 digits" in info.value.message

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from loramoe.files import MAX_DEPTH
 from loramoe.serve.protocol import APIError
+from loramoe.strict_json import JSONRefused, StrictDecoder
 
 
 async def read_json(request: Request, limit: int, timeout: float) -> Any:
@@ -39,7 +40,8 @@ async def read_json(request: Request, limit: int, timeout: float) -> Any:
 async def _read(request: Request, limit: int) -> bytes:
     too_large = APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # ASCII digits only (str.isdigit() takes "²", which int() refuses); more than 18 is past any limit
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
@@ -56,7 +58,12 @@ def parse_json(body: bytes) -> Any:
         APIError: 400 saying what is wrong and where.
     """
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        # as json.loads reads bytes (UTF-8, or UTF-16/32 by their BOM), through the decoder every user JSON goes
+        # through: a key given twice (json keeps the last) and an integer too long to convert are refused
+        value = StrictDecoder().decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    except JSONRefused as err:
+        where = "the body" if err.field is None else f"{err.field!r}"
+        raise APIError(400, f"{where}: {err.problem}", param=err.field) from None
     except json.JSONDecodeError as err:
         raise APIError(
             400, f"the body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
@@ -107,7 +114,3 @@ def _where(path: tuple) -> str:
 def _safe(part: Any) -> str:
     """A path part that an error body can hold (a key may be the very text that is not valid Unicode)."""
     return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
