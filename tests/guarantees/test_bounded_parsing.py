@@ -239,3 +239,28 @@ def test_data_lines_raise_only_data_errors(tmp_path_factory, text):
     path.write_text(text + "\n" + '{"a": %s}' % ("7" * (90 + len(text))))
     with contextlib.suppress(DataError):
         read_records(path)
+
+
+def test_integer_flags_are_read_by_the_bounded_parser(capsys):
+    """Every ``type=int`` flag of the command line: a 5,000-digit value is refused without converting it, and
+    the error line shows the value cut short (argparse prints its usage, then one ``loramoe`` error line)."""
+    import subprocess
+
+    from loramoe.cli import main
+    from loramoe.cli.overrides import int_flag
+
+    assert int_flag(" 12 ") == 12 and int_flag("-3") == -3
+    src = Path(__file__).resolve().parents[2] / "src" / "loramoe" / "cli"
+    leftover = subprocess.run(["grep", "-rn", r"type=int\b", str(src)], capture_output=True, text=True).stdout
+    assert not leftover, f"an integer flag not read by int_flag: {leftover}"
+    for argv in (
+        ["generate", "--prompt", "hi", "--max-new-tokens", LONG],
+        ["serve", "--max-tokens", LONG],
+        ["info", "--rank", "²"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loramoe ")]
+        assert len(lines) == 1 and len(lines[0]) < 300, lines
+        assert re.search(r"an integer of 5000 digits|not an integer: '²'", lines[0]), lines[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from loramoe.cli.overrides import int_flag
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
@@ -63,13 +65,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=None, help="nucleus mass (default: generation config, else 1)"
     )
     p.add_argument(
-        "--top-k", type=int, default=None, help="keep the k likeliest tokens (default: config, else all)"
+        "--top-k", type=int_flag, default=None, help="keep the k likeliest tokens (default: config, else all)"
     )
     p.add_argument(
         "--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (greedy too)"
     )
     p.add_argument("--stop", action="append", default=[], help="a string that ends an answer (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="seed of each answer's sampler")
+    p.add_argument("--seed", type=int_flag, default=None, help="seed of each answer's sampler")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

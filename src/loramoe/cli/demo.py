@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from loramoe.cli.overrides import int_flag
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from loramoe.config import field_docs
@@ -14,13 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DemoConfig.model, help=docs["model"])
     p.add_argument("--out", dest="output_dir", default=DemoConfig.output_dir, help=docs["output_dir"])
     p.add_argument("--quick", action="store_true", help=docs["quick"])
-    p.add_argument("--seed", type=int, default=0, help=docs["seed"])
+    p.add_argument("--seed", type=int_flag, default=0, help=docs["seed"])
     for name in ("steps", "train_per_task", "test_per_task", "heldout_facts"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int_flag, default=None, help=docs[name])
     p.add_argument(
         "--learning-rate", type=float, default=DemoConfig.learning_rate, help=docs["learning_rate"]
     )
-    p.add_argument("--threads", type=int, default=None, help=docs["threads"])
+    p.add_argument("--threads", type=int_flag, default=None, help=docs["threads"])
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run)
 

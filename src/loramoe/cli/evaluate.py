@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from loramoe.cli.overrides import int_flag
 from loramoe.files import load_yaml
 
 
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=docs[name])
     for name in ("limit", "batch_size", "max_new_tokens", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None, help=docs[name])
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int_flag, default=None, help=docs[name])
     p.add_argument(
         "--chat-template",
         dest="chat_template",

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from loramoe.cli._model import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from loramoe.cli.overrides import int_flag
 from loramoe.errors import ConfigError
 
 
@@ -14,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--file", help="prompts: .txt (one per line) or .jsonl/.json")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int_flag, default=128)
     add_sampling_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int_flag, default=8)
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 

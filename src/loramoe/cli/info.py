@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from loramoe.cli.overrides import int_flag
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from loramoe.models.bundled import DEFAULT_MODEL
 
     p = sub.add_parser("info", help="adapt a base model and print the adapted layers and parameter counts")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--num-experts", type=int_flag, default=8)
+    p.add_argument("--rank", type=int_flag, default=4)
     p.set_defaults(func=run)
 
 

@@ -1,8 +1,9 @@
-"""``key.sub=value`` overrides of a YAML config, as the command line gives them, and naming the config file in
-the errors its settings cause."""
+"""Values as the command line gives them: ``key.sub=value`` overrides of a YAML config, integer flags, and naming
+the config file in the errors its settings cause."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,18 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
         else:
             node[parts[-1]] = value
     return config
+
+
+def int_flag(text: str) -> int:
+    """An integer flag's value (``type=int_flag``), read by the bounded parser: argparse reports a bad one on its
+    one error line, the value cut short and a 5,000-digit one refused without converting it."""
+    try:
+        value = parse_int(text.strip(), "the value")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not an integer: {shown(text)}")
+    return value
 
 
 def _index(what: str, part: str, items: list) -> int:

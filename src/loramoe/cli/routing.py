@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loramoe.cli._model import add_quantization_arg
+from loramoe.cli.overrides import int_flag
 from loramoe.errors import ConfigError
 from loramoe.validation import parse_int, shown
 
@@ -22,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "records' own (repeatable)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output folder for routing.json, routing.md and the PNGs")
-    p.add_argument("--max-examples", type=int, default=64, help="examples per task (the first ones)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int_flag, default=64, help="examples per task (the first ones)")
+    p.add_argument("--batch-size", type=int_flag, default=8)
     p.add_argument("--template", default="auto", help="auto, chat or plain (as in training)")
     p.add_argument("--dtype", default="float32")
     add_quantization_arg(p)

@@ -7,11 +7,12 @@ import dataclasses
 from pathlib import Path
 
 from loramoe.cli._model import add_model_args, load_model
+from loramoe.cli.overrides import int_flag
 from loramoe.config import field_docs
 from loramoe.errors import ConfigError
 from loramoe.serve.config import API_KEY_ENV, ServeConfig
 
-_TYPES = {"int": int, "float": float}
+_TYPES = {"int": int_flag, "float": float}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
