@@ -96,6 +96,17 @@ def test_loramoe_run_logs_loss_parts_and_router_stats(loramoe_run):
     assert all(a + b == pytest.approx(1, abs=1e-4) for a, b in masses)
 
 
+def test_logged_loss_parts_add_up_to_the_trainers_loss_under_gradient_accumulation(files, tmp_path):
+    # Each micro-batch's LM term is its token sum over the whole accumulated batch's tokens; the logged lm_loss must
+    # still be the step's LM loss, as the Trainer's own loss log is.
+    out = tmp_path / "accumulated"
+    train(run_config(files, out, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["lm_loss"] + entry["lbc_loss"], abs=1e-4), entry
+
+
 def test_loramoe_output_dir_holds_adapter_run_config_state_and_results(loramoe_run, files):
     out, metrics = loramoe_run
     names = {p.name for p in out.iterdir()}

@@ -56,10 +56,19 @@ class RouterStatsCallback(TrainerCallback):
         )
         self._routing = sums if self._routing is None else {k: self._routing[k] + v for k, v in sums.items()}
 
-    def add_parts(self, parts: LossParts, batch: Mapping[str, Any]) -> None:
-        """``add`` of one step's ``loramoe.compute_loss`` result and the batch it was computed on."""
+    def add_parts(self, parts: LossParts, batch: Mapping[str, Any], step_share: float = 1.0) -> None:
+        """``add`` of one micro-batch's ``loramoe.compute_loss`` result and the batch it was computed on.
+
+        ``step_share`` is the part of an optimizer step's LM loss that ``parts.lm`` stands for: ``1/k`` when the
+        Trainer accumulates k micro-batches of a loss averaged over the whole accumulated batch (each one's loss is
+        then its token sum over all the step's tokens). Dividing by it puts the logged ``lm_loss`` on the scale of
+        the Trainer's own ``loss`` log, whatever the accumulation."""
         self.add(
-            parts.lm, parts.lbc, parts.router_probs, batch.get("task_types"), batch.get("attention_mask")
+            parts.lm / step_share,
+            parts.lbc,
+            parts.router_probs,
+            batch.get("task_types"),
+            batch.get("attention_mask"),
         )
 
     def means(self) -> dict[str, float]:

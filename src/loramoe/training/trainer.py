@@ -143,17 +143,18 @@ class LoRAMoETrainer(GuardedTrainer):
             # is multiplied by their number, since DDP averages gradients); the LBC is a per-process mean already.
             return stock(model, batch, return_outputs=True, num_items_in_batch=num_items_in_batch)
 
+        scale = self.lbc_scale(model, num_items_in_batch)
         parts = compute_loss(
             model,
             dict(inputs),
             record=model.training,
             forward=trainer_lm,
-            lbc_scale=self.lbc_scale(model, num_items_in_batch),
+            lbc_scale=scale,
         )
         total = parts.total
         self.check_loss(total)
         if model.training:
-            self.router_stats.add_parts(parts, inputs)
+            self.router_stats.add_parts(parts, inputs, step_share=scale)
         return (total, parts.outputs) if return_outputs else total
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -94,15 +94,16 @@ class LoRAMoESFTTrainer(SFTTrainer):
         def sft_lm(batch: dict) -> tuple[torch.Tensor, None]:
             return sft_loss(model, batch, num_items_in_batch=num_items_in_batch), None
 
+        scale = self.lbc_scale(model, num_items_in_batch)
         parts = compute_loss(
             model,
             dict(inputs),
             record=model.training,
             forward=sft_lm,
-            lbc_scale=self.lbc_scale(model, num_items_in_batch),
+            lbc_scale=scale,
         )
         if model.training:
-            self.router_stats.add_parts(parts, inputs)
+            self.router_stats.add_parts(parts, inputs, step_share=scale)
         if not return_outputs:
             return parts.total
         with torch.no_grad():  # the logits evaluation asks for, outside the recorded forward
