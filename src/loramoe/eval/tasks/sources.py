@@ -150,7 +150,9 @@ def _verified(path: Path, digest: str) -> bool:
 def _link(target: Path, link: Path) -> None:
     """Place ``link`` -> ``target`` atomically (a copy where the file system has no symbolic links)."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # unique: nothing to clear first
+    tmp = link.with_name(
+        f".{link.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    )  # unique: nothing to clear first
     try:
         tmp.symlink_to(target.resolve())
     except OSError:
