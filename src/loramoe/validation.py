@@ -122,7 +122,9 @@ def boolean() -> Rule:
 
 
 def one_of(choices: Collection[Any]) -> Rule:
-    return (lambda v: v in choices), f"one of {list(choices)}"
+    """One of ``choices``, of the choice's own kind: ``True`` is not ``1`` and ``1.0`` is not ``1`` here, though
+    ``==`` (and so ``in``) says they are."""
+    return (lambda v: any(type(v) is type(c) and v == c for c in choices)), f"one of {list(choices)}"
 
 
 def text() -> Rule:

@@ -22,6 +22,14 @@ def test_a_bool_is_neither_an_integer_nor_a_number(value):
     assert not list_of(integer())[0]([1, value])
 
 
+def test_one_of_numbers_takes_neither_a_bool_nor_a_float_for_an_int():
+    from loramoe.validation import one_of
+
+    ok, _ = one_of([1, 2])
+    assert ok(1) and ok(2) and not ok(True) and not ok(1.0) and not ok("1")
+    assert one_of(["a", None])[0](None) and not one_of(["a"])[0](["a"])  # unhashable values are just refused
+
+
 def test_list_of_checks_each_item_the_length_and_distinctness():
     ok, need = list_of(text(), at_least=2, distinct=True)
     assert ok(["a", "b"]) and ok(("a", "b"))
