@@ -174,15 +174,17 @@ def test_a_pickle_in_a_checkpoints_optimizer_or_rng_state_is_refused_in_one_line
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(config(root, out, max_steps=9)))
     folder, marker = out / "checkpoint-6", tmp_path / "pwned"
-    for name in ("optimizer.pt", "rng_state.pth"):
+    for name, damaged in (("optimizer.pt", False), ("rng_state.pth", False), ("optimizer.pt", True)):
         good = (folder / name).read_bytes()
-        torch.save({"state": Payload(marker)}, folder / name)
+        if damaged:  # not a payload: the archive cut short
+            (folder / name).write_bytes(good[:200])
+        else:
+            torch.save({"state": Payload(marker)}, folder / name)
         mark_complete(folder, run_id_of(out))  # as an attacker would: the checksums match the payload
         before = {sub: tree(out / sub) for sub in ("checkpoint-3", "checkpoint-6")}
         line = cli_error(capsys, ["train", str(cfg), "--resume"])
-        assert line.startswith(
-            f"loramoe train: error: {folder / name}: refused on resume, it asks to build "
-        ), line
+        why = "it is truncated or damaged (" if damaged else "it asks to build "
+        assert line.startswith(f"loramoe train: error: {folder / name}: refused on resume, {why}"), line
         assert "nothing in it ran" in line and "move that folder out of training.output_dir" in line, line
         assert not marker.exists()
         assert {sub: tree(out / sub) for sub in before} == before

@@ -218,9 +218,12 @@ def _train(run: RunConfig, out: Path, run_id: str | None, resume: bool) -> dict[
             remove_torn_checkpoints(out, checkpoint, run_id)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
-    except (pickle.UnpicklingError, EOFError) as err:
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
         refused = _file_torch_load_read(err)
-        if checkpoint is None or refused is None:
+        unreadable = not isinstance(err, RuntimeError) or "PytorchStreamReader" in str(
+            err
+        )  # a damaged archive
+        if checkpoint is None or refused is None or not unreadable or isinstance(err, LoRAMoEError):
             raise
         raise _refused_state(refused, checkpoint, err) from None
     check_parameters_finite(trainer.model, trainer.state.global_step)
@@ -252,8 +255,8 @@ def _refused_state(path: str, checkpoint: str, err: BaseException) -> TrainingEr
 
     The Trainer reads those files with ``weights_only=True``, which rebuilds tensors and plain values and refuses
     anything else before it is built, so no code in the file ran; only the message is loramoe's."""
-    if isinstance(err, EOFError):
-        what = "it is truncated"
+    if isinstance(err, (EOFError, RuntimeError)):
+        what = f"it is truncated or damaged ({(str(err).splitlines() or [type(err).__name__])[0][:120]})"
     else:
         name = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         what = f"it asks to build {name.group(1)}" if name else "it holds something other than tensors"
