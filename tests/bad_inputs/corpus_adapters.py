@@ -215,6 +215,16 @@ def gen_adapters() -> None:
     shutil.copy(full / "model.safetensors", full_bad_config / "model.safetensors")
     case("adapter/full-bad-config", "AdapterError", r"full-bad-config.*cannot load",
          adapter=f"{REL}/adapters/full-bad-config")  # fmt: skip
+    # a config.json transformers would read wrongly (the last of two keys) or fail on with a Python message
+    for name, edit, match in [
+        ("full-config-key-twice", lambda t: t.replace('"vocab_size": 320', '"vocab_size": 320, "vocab_size": 999'),
+         r"config\.json field 'vocab_size': the key is given twice"),
+        ("full-config-long-integer", lambda t: t.replace('"vocab_size": 320', '"vocab_size": ' + "3" * 5000),
+         r"config\.json field 'vocab_size': an integer of 5000 digits"),
+    ]:  # fmt: skip
+        tiny_model("llama").save_pretrained(str(root / name))
+        (root / name / "config.json").write_text(edit((root / name / "config.json").read_text()))
+        case(f"adapter/{name}", "AdapterError", rf"{name}.*{match}", adapter=f"{REL}/adapters/{name}")
 
     # --- class: pickle-format weights anywhere a loader reads weights, whatever else is beside them -----------
     evil = b"\x80\x04cposix\nsystem\nX\x0b\x00\x00\x00echo pwned\x85R."

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loramoe.errors import ConfigError
+from loramoe.files import read_json
 from loramoe.models.bundled import DEFAULT_MODEL, canonical_name, resolve_model
 from loramoe.models.quantization import bnb_config
 from loramoe.weights import SAFETENSORS, weights_format
@@ -65,6 +66,11 @@ def load_base(
     # The loading gate: safetensors only, unless the user opted in; a local pickle-only model is refused by name,
     # and transformers is told to read nothing but safetensors, so a pickle beside them is never opened.
     fmt = weights_format(path, MODEL_SAFETENSORS, allow_pickle=allow_pickle, what="model", error=ConfigError)
+    # A local config.json read as loramoe reads any user JSON first: transformers would keep the last of a key given
+    # twice (a vocab_size that then fails to fit the weights) and stop at a huge integer with a Python message.
+    config_json = os.path.join(path, "config.json")
+    if os.path.isfile(config_json):
+        read_json(config_json, error=ConfigError, what="model config", constants=True)
     use_safetensors = None if allow_pickle and fmt != SAFETENSORS else True
     placement = {}
     if quantization is not None:  # quantized as they load, on the device they will run on
