@@ -165,8 +165,16 @@ def _data_section(data: Mapping[str, Any] | None) -> list[str]:
             f"{data.get('prompt_truncated', 0):,} prompts, {data.get('answer_truncated', 0):,} answers",
         ],
         ["invalid records skipped", f"{data.get('skipped_invalid', 0):,}"],
+        ["special tokens written as text", _special_tokens(data)],
     ]
     return ["## Training data", "", _table(["", ""], rows)]
+
+
+def _special_tokens(data: Mapping[str, Any]) -> str:
+    """Samples whose text holds a special token of the tokenizer (trained as that token), and the first."""
+    count, first = data.get("special_token_samples", 0), data.get("special_token_first")
+    shown = str(first).replace("|", "\\|")  # a ChatML token's bars would end the table cell
+    return f"{count:,} samples" + (f" (first: {shown})" if count and first else "")
 
 
 def _results_section(results: Mapping[str, Any] | None, base: Mapping[str, Any] | None) -> list[str]:
