@@ -57,7 +57,9 @@ def test_save_adapter_writes_a_card_with_hub_front_matter_and_the_config(tmp_pat
     assert "| special tokens written as text | 0 samples |" in text
     quoted = {**DATA, "special_token_samples": 2, "special_token_first": "train.json:7 answer '<|im_end|>'"}
     text = (save_adapter(adapted(), tmp_path / "b", data_summary=quoted) / CARD_NAME).read_text()
-    assert "| special tokens written as text | 2 samples (first: train.json:7 answer '<\\|im_end\\|>') |" in text
+    assert (
+        "| special tokens written as text | 2 samples (first: train.json:7 answer '<\\|im_end\\|>') |" in text
+    )
 
 
 def test_a_local_or_alias_base_gets_no_base_model_key(tmp_path: Path):
