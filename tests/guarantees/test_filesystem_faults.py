@@ -2,7 +2,9 @@
 
 A file-size limit (RLIMIT_FSIZE, in real ``loramoe train`` processes) or a full disk during a checkpoint or the
 final save ends in one line naming the path and what to do, and ``--resume`` completes the run once the limit is
-raised or space is freed; an unreadable data file, a directory where the adapter should be are one line too. Every
+raised or space is freed; an unreadable data file, a directory where the adapter should be are one line too. A
+checkpoint file linked to ``/dev/zero`` or a checkpoint that is a link is refused without being followed, and
+rotation keeps a read-only checkpoint with a warning and trains on. Every
 file a run writes gets the permissions a plain ``open()`` gives under the umask; the temporary file a kill leaves is
 swept by the next process of the same run, and no other. Shared setup: ``guarantees_helpers.py``.
 """
@@ -22,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loramoe.errors import FileSystemError
-from loramoe.training.checkpoints import latest_good_checkpoint, run_id_of
+from loramoe.errors import ConfigError, FileSystemError
+from loramoe.training.checkpoints import checkpoint_is_complete, latest_good_checkpoint, run_id_of
 from loramoe.training.run_config import RunConfig
 from loramoe.training.train import train
 
@@ -200,3 +202,75 @@ def test_a_data_file_without_read_permission_is_one_line_naming_it(root, tmp_pat
         train(RunConfig.from_dict(run))
     data.chmod(0o644)  # the user fixes it: the same run goes on
     train(RunConfig.from_dict(run), resume=True)
+
+
+VERIFY = "import sys\nfrom loramoe.training.checkpoints import latest_good_checkpoint\nprint(latest_good_checkpoint(sys.argv[1]))"
+
+
+def test_a_checkpoint_file_linked_to_dev_zero_is_refused_at_once_and_the_resume_goes_on(
+    root, tmp_path, caplog
+):
+    """The newest checkpoint's optimizer state replaced by a link to ``/dev/zero``: its verification reads no link
+    (it would hash zeros forever), so the resume takes checkpoint-3 within seconds and trains on. A whole checkpoint
+    folder that is a link (to a copy of checkpoint-3 outside the run) is refused by name, and nothing it points to
+    is touched."""
+    out = tmp_path / "run"
+    owned_run(root, out, max_steps=6)
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    (out / "checkpoint-6" / "optimizer.pt").symlink_to("/dev/zero")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    found = subprocess.run(
+        [sys.executable, "-c", VERIFY, str(out)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert found.stdout.strip() == str(out / "checkpoint-3"), found.stderr
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(out / "checkpoint-3", outside)
+    (out / "checkpoint-12").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-12: a symbolic link, not a checkpoint this loramoe run wrote"
+    ):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    (out / "checkpoint-12").unlink()  # the user moves it away
+    with caplog.at_level("INFO", logger="loramoe.train"):
+        train(RunConfig.from_dict(config(root, out, max_steps=9)), resume=True)
+    assert f"resuming from {out / 'checkpoint-3'}" in caplog.text
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-9")
+    assert sorted(p.name for p in outside.iterdir()) == sorted(
+        p.name for p in (out / "checkpoint-3").iterdir()
+    )
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder``'s entries impossible to remove: mode 0555, or for root (whom modes do not stop) the
+    immutable attribute, where the file system has it. False when neither can be done."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return True
+    return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+
+
+def _writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_rotation_keeps_a_checkpoint_it_cannot_remove_warns_and_trains_on(root, tmp_path, caplog):
+    out = tmp_path / "run"
+    owned_run(root, out, save_total_limit=1)
+    old = out / "checkpoint-3"
+    if not _read_only(old):
+        pytest.skip(
+            "running as root, and this file system has no immutable attribute (chattr +i) to stop root"
+        )
+    try:
+        with caplog.at_level("WARNING", logger="loramoe.train"):
+            train(RunConfig.from_dict(config(root, out, max_steps=9, save_total_limit=1)), resume=True)
+    finally:
+        _writable(old)
+    assert f"keeping {old}, training goes on: {old}: removing the checkpoint" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-9"]
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-9")
+    assert not list(out.glob(".checkpoint-*")) and checkpoint_is_complete(
+        old
+    )  # kept under its own name, whole

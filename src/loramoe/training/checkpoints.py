@@ -34,12 +34,13 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
 
 from loramoe.dirlock import LOCK_FILE
-from loramoe.errors import ConfigError, LoRAMoEError, TrainingError
+from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, TrainingError
 from loramoe.files import (
     MAX_JSON_BYTES,
     atomic_write_text,
@@ -192,17 +193,31 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p.is_symlink() or _is_real(p))
     ]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def _is_real(path: Path, kind=stat.S_ISDIR) -> bool:
+    """A directory (or ``kind``) itself, not a link to one: loramoe never follows a link out of the run."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_owned(folder: Path, run_id: str | None) -> bool:
     """Whether ``folder`` provably belongs to run ``run_id``: its owner marker names the run, or (a checkpoint of
     an earlier loramoe, written before owner markers) it has no owner marker and its completion marker, which only
-    loramoe writes, verifies. ``run_id`` None (a directory not claimed yet) owns only such earlier checkpoints."""
-    if (folder / OWNER_MARKER).exists():
-        return run_id is not None and _marker_id(folder / OWNER_MARKER) == run_id
+    loramoe writes, verifies. ``run_id`` None (a directory not claimed yet) owns only such earlier checkpoints.
+    A link is never owned: loramoe makes none."""
+    if not _is_real(folder):
+        return False
+    marker = folder / OWNER_MARKER
+    if os.path.lexists(marker):
+        return run_id is not None and _is_real(marker, stat.S_ISREG) and _marker_id(marker) == run_id
     return checkpoint_is_complete(folder)
 
 
@@ -215,10 +230,12 @@ def refuse_foreign(output_dir: str | os.PathLike, run_id: str | None) -> None:
     """Raise ``ConfigError`` naming the first checkpoint folder in ``output_dir`` that is not this run's."""
     foreign = foreign_checkpoints(output_dir, run_id)
     if foreign:
+        link = foreign[0].is_symlink()
         raise ConfigError(
-            f"{foreign[0]}: not written by this loramoe run (no {OWNER_MARKER} naming it, no verified "
-            f"{COMPLETE_MARKER}); loramoe never deletes or writes over a folder it cannot prove is its own. Move it "
-            "out of training.output_dir, or choose another output_dir"
+            f"{foreign[0]}: "
+            + ("a symbolic link, which loramoe never follows" if link else "not written by this loramoe run")
+            + f" (no {OWNER_MARKER} naming it, no verified {COMPLETE_MARKER}); loramoe never deletes or writes over "
+            "a folder it cannot prove is its own. Move it out of training.output_dir, or choose another output_dir"
         )
 
 
@@ -242,7 +259,9 @@ def begin_checkpoint(folder: Path, run_id: str) -> None:
 def mark_complete(folder: Path, run_id: str | None = None) -> None:
     """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last."""
     files = {
-        p.name: _digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
+        p.name: _digest(p)
+        for p in sorted(folder.iterdir())
+        if _is_real(p, stat.S_ISREG) and p.name != COMPLETE_MARKER
     }
     body = {"files": files, **({"run_id": run_id} if run_id else {})}
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps(body, indent=1, sort_keys=True))
@@ -272,9 +291,15 @@ def verification_problem(folder: Path) -> str | None:
     """What keeps ``folder`` from verifying (no completion marker, a file missing or changed), or None when every
     file its completion marker lists is there with its recorded checksum."""
     marker = folder / COMPLETE_MARKER
-    if not marker.exists():
+    if not _is_real(folder):
+        return "a link, not a folder: loramoe never follows one out of the run"
+    if not os.path.lexists(marker):
         return f"no {COMPLETE_MARKER}: its save did not finish"
     try:
+        # Only regular files inside the folder are read, never through a link (to /dev/zero, or out of the run).
+        linked = sorted(p.name for p in folder.iterdir() if p.is_symlink() or not_regular(p))
+        if linked:
+            return f"{linked[0]} is a link or a special file, not a regular file"
         files = read_json(marker, error=ConfigError, what="marker")["files"]
         if not isinstance(files, dict) or not files:
             return f"{COMPLETE_MARKER} lists no files"
@@ -355,7 +380,10 @@ def rotate_checkpoints(
     keep = set(good[:limit]) | ({Path(protect)} if protect else set())
     for folder in good:
         if folder not in keep:
-            _remove_owned(folder, run_id, f"older than the newest {limit} (save_total_limit)")
+            try:  # a read-only checkpoint: one old checkpoint more is no reason to stop training
+                _remove_owned(folder, run_id, f"older than the newest {limit} (save_total_limit)")
+            except LoRAMoEError as err:
+                logger.warning("keeping %s, training goes on: %s", folder, err)
 
 
 def sweep_leftovers(output_dir: str | os.PathLike, run_id: str) -> None:
@@ -373,11 +401,16 @@ def _remove_owned(folder: Path, run_id: str, why: str) -> None:
         raise TrainingError(f"{folder}: not removed, it is not this run's ({why}); move it away")
     logger.warning("removing %s: %s", folder, why)
     doomed = folder.parent / f".{folder.name}.removing-{run_id}"
-    if doomed.exists():
-        shutil.rmtree(doomed)  # an earlier removal of the same folder, interrupted: named by this run's id
-    os.rename(folder, doomed)
-    fsync_dir(folder.parent)
-    shutil.rmtree(doomed)
+    try:
+        if _is_real(doomed):  # an earlier removal of the same folder, interrupted: named by this run's id
+            shutil.rmtree(doomed)
+        os.rename(folder, doomed)
+        fsync_dir(folder.parent)
+        shutil.rmtree(doomed)
+    except OSError as err:  # read-only: when nothing of it is gone, it stays a checkpoint under its own name
+        if not folder.exists() and checkpoint_is_complete(doomed):
+            os.rename(doomed, folder)
+        raise FileSystemError.from_fault(err, folder, doing=f"removing the checkpoint ({why})") from err
 
 
 def _sweep_leftovers(run_dir: Path, run_id: str) -> None:
@@ -385,9 +418,14 @@ def _sweep_leftovers(run_dir: Path, run_id: str) -> None:
     ``.checkpoint-N.removing-<run id>`` (being removed) folders, and the temporary files of its atomic writes into
     ``run_dir`` (``.<name>.<run id>-<random>.tmp``, see ``files.tagged_temp_files``). Only this run makes folders
     and files with these names, so the name, holding the run id, is the proof they are its own."""
-    for leftover in run_dir.glob(f".checkpoint-*.new-{run_id}"):
-        shutil.rmtree(leftover)
-    for leftover in run_dir.glob(f".checkpoint-*.removing-{run_id}"):
-        shutil.rmtree(leftover)
+    for leftover in [
+        *run_dir.glob(f".checkpoint-*.new-{run_id}"),
+        *run_dir.glob(f".checkpoint-*.removing-{run_id}"),
+    ]:
+        try:
+            if _is_real(leftover):
+                shutil.rmtree(leftover)
+        except OSError as err:  # read-only: it stays hidden, and the next process of the run tries again
+            logger.warning("leaving %s as it is: %s", leftover, err.strerror or err)
     for leftover in leftover_temp_files(run_dir, run_id):
         leftover.unlink(missing_ok=True)
