@@ -18,6 +18,8 @@ Design decisions:
   protected from a second writer, rather than refusing every run there.
 - Within one process the lock is re-entrant (the training run and the final ``save_adapter`` it calls), counted
   per directory; only when the last holder in the process releases it does the file lock go.
+- A forked child (a data loader worker) closes its copies of the lock's descriptors at once: a lock lives as long
+  as any descriptor of it, so otherwise a killed holder's children would keep its directory locked.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 # The directories this process holds: (st_dev, st_ino) -> [the lock file's descriptor, how many holders].
 _HELD: dict[tuple[int, int], list[int]] = {}
+
+
+def _forget_in_child() -> None:
+    for fd, _ in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class DirectoryLock:

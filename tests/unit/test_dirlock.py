@@ -19,16 +19,20 @@ from loramoe.dirlock import LOCK_FILE, DirectoryLock, held_if_locked, read_holde
 from loramoe.errors import AdapterError, ConfigError
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-HOLD = (
-    "import sys\n"
+HOLD = (  # holds the lock, and forks a child that outlives it (as a data loader worker may)
+    "import os, sys, time\n"
     "from loramoe.dirlock import DirectoryLock\n"
     "DirectoryLock(sys.argv[1]).acquire()\n"
-    "print('held', flush=True)\n"
+    "child = os.fork()\n"
+    "if child == 0:\n"
+    "    time.sleep(120)\n"
+    "    os._exit(0)\n"
+    "print(child, flush=True)\n"
     "sys.stdin.read()\n"
 )
 
 
-def test_another_process_holding_it_is_named_and_its_death_frees_it(tmp_path, caplog):
+def test_another_process_holding_it_is_named_and_its_death_frees_it_even_with_a_child_alive(tmp_path, caplog):
     folder = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(folder)],
@@ -37,8 +41,8 @@ def test_another_process_holding_it_is_named_and_its_death_frees_it(tmp_path, ca
         text=True,
         env={**os.environ, "PYTHONPATH": str(SRC)},
     )
+    child = int(holder.stdout.readline())
     try:
-        assert holder.stdout.readline() == "held\n"
         assert read_holder(folder)["pid"] == holder.pid
         with pytest.raises(ConfigError, match=rf"directory '{folder}' is in use .*\(pid {holder.pid} on "):
             DirectoryLock(folder).acquire()
@@ -48,8 +52,12 @@ def test_another_process_holding_it_is_named_and_its_death_frees_it(tmp_path, ca
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with caplog.at_level("WARNING", logger="loramoe"), DirectoryLock(folder):
-        assert read_holder(folder)["pid"] == os.getpid()
+    try:
+        os.kill(child, 0)  # the forked child is still alive, and the lock is free all the same
+        with caplog.at_level("WARNING", logger="loramoe"), DirectoryLock(folder):
+            assert read_holder(folder)["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
     assert f"previous holder of {LOCK_FILE} (pid {holder.pid} on " in caplog.text
 
 
