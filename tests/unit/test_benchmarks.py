@@ -136,3 +136,25 @@ def test_gpu_check_script_parses_and_stops_cleanly_without_a_gpu(tmp_path):
     proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=120, env=env)  # fmt: skip
     assert proc.returncode == 1 and "no CUDA device visible to torch" in proc.stdout
+
+
+@pytest.mark.slow  # two server starts (loramoe serve and transformers serve): about a minute on a busy machine
+def test_serve_vs_transformers_smoke_on_a_tiny_model(tmp_path):
+    out = tmp_path / "servers.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_vs_transformers.py"), "--tiny", "--servers",
+         "loramoe-base,transformers-cb", "--clients", "2", "--staggered", "2", "--mean-gap-s", "0.05",
+         "--max-tokens", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    servers = json.loads(out.read_text())["servers"]
+    assert set(servers) == {"loramoe-base", "transformers-cb"}
+    for loads in servers.values():
+        assert set(loads) == {"concurrent", "staggered"}
+        assert all(
+            r["answered"] == r["sent"] == 2 and not r["errors"] and r["tokens"] > 0 for r in loads.values()
+        )
+        assert all(r["ttft_p50_s"] <= r["latency_p50_s"] for r in loads.values())
+    assert servers["transformers-cb"]["concurrent"]["tokens_per_s_vs_transformers_cb"] == 1.0
+    assert all(r["server_cpu_s"] >= 0 for loads in servers.values() for r in loads.values())
