@@ -132,6 +132,27 @@ def text() -> Rule:
     return (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
 
 
+def is_path_text(value: Any) -> bool:
+    """A non-empty string that can name a file: no NUL byte (no file system has one in a name) and UTF-8 text (a
+    name read from a command line with bytes that are not UTF-8 cannot be written into loramoe's UTF-8 records of
+    a run: its config, its model card)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+PATH_NEED = "without NUL bytes, in UTF-8 (rename a file or folder whose name is not)"
+
+
+def path_text(what: str = "a path") -> Rule:
+    """A name or path that can name a file (:func:`is_path_text`)."""
+    return is_path_text, f"{what} {PATH_NEED}"
+
+
 def list_of(rule: Rule, *, at_least: int = 1, distinct: bool = False) -> Rule:
     """A list or tuple of at least ``at_least`` items, each passing ``rule`` (and all different if ``distinct``)."""
     ok, need = rule

@@ -272,3 +272,55 @@ def test_rotation_keeps_a_checkpoint_it_cannot_remove_warns_and_trains_on(root, 
     assert not list(out.glob(".checkpoint-*")) and checkpoint_is_complete(
         old
     )  # kept under its own name, whole
+
+
+def _set(run: dict, field: str, value: str) -> dict:
+    *parents, last = field.split(".")
+    node = run
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[last] = value
+    return run
+
+
+FIELDS = {
+    "training.output_dir": "training.output_dir",
+    "data.sources.0.path": "data: sources[0]: path",
+    "model": "model",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("training.output_dir", "run\0x"),
+        ("data.sources.0.path", "good\0.jsonl"),
+        ("model", "ba\0se"),
+        (
+            "training.output_dir",
+            "run\udcffx",
+        ),  # a byte that is not UTF-8, as Python reads it from a command line
+        ("data.sources.0.path", "good\udcff.jsonl"),
+    ],
+)
+def test_a_nul_or_undecodable_byte_in_a_path_is_one_line_naming_the_field(root, tmp_path, capsys, field, bad):
+    """No file system has a NUL in a name, and a name that is not UTF-8 cannot be written into the run's UTF-8
+    records: both are refused before anything is created, in the library and on the command line."""
+    value = bad if field == "model" else str(tmp_path / bad)
+    run = _set(config(root, tmp_path / "run"), field, value)
+    with pytest.raises(
+        ConfigError, match=r"without NUL bytes, in UTF-8 \(rename a file or folder whose name is not\)"
+    ):
+        RunConfig.from_dict(run)
+    cfg = tmp_path / "run.yaml"
+    if "\0" in value:  # no command line can hold a NUL byte; a YAML file can ("\0")
+        cfg.write_text(yaml.safe_dump(run))
+        argv = ["train", str(cfg)]
+    else:  # nor can YAML text hold a byte that is not UTF-8; a command line can
+        cfg.write_text(yaml.safe_dump(config(root, tmp_path / "run")))
+        argv = ["train", str(cfg), f"{field}={value}"]
+    line = cli_error(capsys, argv)
+    assert (
+        f"{FIELDS[field]} must be" in line and "without NUL bytes, in UTF-8" in line and "\0" not in line
+    ), line
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run?x"))

@@ -33,11 +33,13 @@ from loramoe.data.formats import (
 )
 from loramoe.errors import ConfigError, DataError
 from loramoe.validation import (
+    PATH_NEED,
     boolean,
     check_fields,
     from_mapping,
     integer,
     is_int,
+    is_path_text,
     number,
     one_of,
     optional,
@@ -58,6 +60,10 @@ def _name(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value != "")
 
 
+def _path(value: Any) -> bool:
+    return value is None or is_path_text(value)
+
+
 def _task_type(value: Any) -> bool:
     return _name(value) or (is_int(value) and value >= 0)
 
@@ -70,8 +76,8 @@ def _columns(value: Any) -> bool:
 
 
 _SOURCE_RULES = {
-    "path": (_name, "a JSON or JSONL file"),
-    "hf_dataset": (_name, "a datasets name or folder"),
+    "path": (_path, f"a JSON or JSONL file {PATH_NEED}"),
+    "hf_dataset": (_path, f"a datasets name or folder {PATH_NEED}"),
     "hf_config": (_name, "a dataset configuration name or null"),
     "split": text(),
     "name": optional(text()),

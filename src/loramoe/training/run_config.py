@@ -28,6 +28,7 @@ from loramoe.models.base import DTYPES
 from loramoe.models.bundled import DEFAULT_MODEL
 from loramoe.models.quantization import QUANTIZATIONS
 from loramoe.validation import (
+    PATH_NEED,
     Rule,
     boolean,
     check_fields,
@@ -35,12 +36,13 @@ from loramoe.validation import (
     from_mapping,
     integer,
     is_int,
+    is_path_text,
     number,
     one_of,
     optional,
     require,
     section,
-    text,
+    shown,
 )
 
 if TYPE_CHECKING:  # transformers' training module imports peft and more: seconds the CLI's help need not pay
@@ -120,7 +122,7 @@ class RunConfig:
             self,
             {
                 "method": one_of(METHODS),
-                "model": (text()[0], f"a model name or path, e.g. {DEFAULT_MODEL}"),
+                "model": (is_path_text, f"a model name or path {PATH_NEED}, e.g. {DEFAULT_MODEL}"),
                 "dtype": one_of(DTYPES),
                 "quantization": optional(one_of(QUANTIZATIONS)),
                 "allow_pickle": boolean(),
@@ -144,6 +146,10 @@ class RunConfig:
         require(bool(out), "training.output_dir is missing: where should the adapter and checkpoints go?")
         require(
             isinstance(out, (str, os.PathLike)), f"training.output_dir must be a directory path, got {out!r}"
+        )
+        require(
+            is_path_text(os.fspath(out)),
+            f"training.output_dir must be a directory path {PATH_NEED}, got {shown(os.fspath(out))}",
         )
         require(
             not Path(out).exists() or Path(out).is_dir(),
