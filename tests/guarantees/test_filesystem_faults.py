@@ -11,6 +11,7 @@ swept by the next process of the same run, and no other. Shared setup: ``guarant
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -19,6 +20,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,47 @@ def test_a_nul_or_undecodable_byte_in_a_path_is_one_line_naming_the_field(root, 
         f"{FIELDS[field]} must be" in line and "without NUL bytes, in UTF-8" in line and "\0" not in line
     ), line
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run?x"))
+
+
+@contextlib.contextmanager
+def _small_file_system(folder: Path, size: str) -> Iterator[Callable[[str], None]]:
+    """A tmpfs of ``size`` mounted on ``folder`` (root only, where mounting is allowed); yields a function that
+    resizes it, the stand-in for a user freeing space."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            f"a full disk needs a small file system, and mounting one failed: {mounted.stderr.decode().strip()}"
+        )
+
+    def resize(new: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new}", str(folder)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system to fill needs root")
+def test_a_full_disk_during_a_checkpoint_names_the_file_system_and_resume_completes_once_space_is_freed(
+    root, tmp_path
+):
+    """A real ENOSPC: a 64 KiB file system fills while ``checkpoint-3`` is written (torch.save's writer, which
+    reports no errno: the message is told from the free space). Once the file system is grown, the resume completes."""
+    disk = tmp_path / "disk"
+    with _small_file_system(disk, "64k") as resize:
+        run = config(root, disk / "run", max_steps=6)
+        with pytest.raises(FileSystemError) as failed:
+            train(RunConfig.from_dict(run))
+        assert str(failed.value).startswith(f"{disk / 'run' / 'checkpoint-3'}"), failed.value
+        assert f"(no space left on the device); free space on {disk} (the file system holding it)" in str(
+            failed.value
+        )
+        assert str(failed.value).endswith("then run again with --resume")
+        resize("8m")
+        train(RunConfig.from_dict(run), resume=True)
+        assert latest_good_checkpoint(disk / "run") == str(disk / "run" / "checkpoint-6")
+        assert (disk / "run" / "adapter_config.json").is_file()
