@@ -43,11 +43,16 @@ from loramoe.weights import weights_format
 
 CONFIG_NAME = "adapter_config.json"
 # The adapter_config.json layout written now; files without ``format_version`` are format 1.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Per format, the config fields a file of that format may leave out and the value it was trained with. Format 1
-# (before ``format_version`` was written) predates ``lbc_positions``: those adapters counted every position. Every
-# other field is required in every format: a default that differs from the trained value gives a wrong model.
-_FORMAT_DEFAULTS: dict[int, dict[str, object]] = {1: {"lbc_positions": "all"}, 2: {}}
+# (before ``format_version`` was written) predates ``lbc_positions``: those adapters counted every position. Formats
+# 1 and 2 predate ``group_mass_weight``: they trained without it. Every other field is required in every format: a
+# default that differs from the trained value gives a wrong model.
+_FORMAT_DEFAULTS: dict[int, dict[str, object]] = {
+    1: {"lbc_positions": "all", "group_mass_weight": 0.0},
+    2: {"group_mass_weight": 0.0},
+    3: {},
+}
 MAX_CONFIG_BYTES = 1 << 20
 WEIGHTS_NAME = "adapter_model.safetensors"
 IDENTITY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")

@@ -62,6 +62,7 @@ FIELD_RULES = {
     "lbc_normalization": one_of(NORMALIZATIONS),
     "lbc_reduction": one_of(REDUCTIONS),
     "lbc_positions": one_of(POSITIONS),
+    "group_mass_weight": (number(0)[0], "a number >= 0 (0: the paper's LBC alone)"),
     "target_modules": optional(list_of(text())),
     "task_names": list_of(text(), at_least=2, distinct=True),
     "expert_groups": optional(list_of(integer(1))),
@@ -93,6 +94,12 @@ class LoRAMoEConfig:
             exact when there is no padding). With padding counted the LBC mostly balances padding positions when
             batches mix short and long samples (docs/results.md: the router did not localize; with
             ``"non_padding"`` it reached its targets). Adapters saved without this field load as ``"all"``.
+        group_mass_weight: beyond the paper, 0 (default) turns it off. The weight of a second constraint on each
+            adapted linear: the mean over samples of ``-log`` (the share of the sample's router mass on its own
+            group), which drives each sample's mass onto its group. The LBC alone settles at a mass ratio of
+            ``(1 - delta) / (1 + delta)`` between the groups (55 % on the own group at delta 0.1), so every expert
+            keeps learning from every task type; this term separates the groups in training while the router stays
+            soft at inference (docs/method.md, "Beyond the paper").
         task_names: names of the task types, index = the integer type. Binary mode (the reference) is
             ``("downstream", "knowledge")``: 0 = every other task, 1 = world-knowledge (closed-book QA).
         expert_groups: sizes of the contiguous expert groups, one per task type, summing to ``num_experts``;
@@ -111,6 +118,7 @@ class LoRAMoEConfig:
     lbc_normalization: str = "cv2"
     lbc_reduction: str = "sum"
     lbc_positions: str = "non_padding"
+    group_mass_weight: float = 0.0
     task_names: tuple[str, ...] = BINARY_TASK_NAMES
     expert_groups: tuple[int, ...] | None = None
 

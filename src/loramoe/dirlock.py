@@ -98,7 +98,7 @@ class DirectoryLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise self.error(
-                f"{self.what} {str(self.directory)!r} cannot be locked ({err.strerror or err}); choose a writable "
+                f"{self.what} {str(self.directory)!r} cannot be written ({err.strerror or err}); choose a writable "
                 "directory"
             ) from err
         try:

@@ -123,6 +123,32 @@ def localized_balancing_loss(
     return weight * z.var(unbiased=True) / (mean + EPS)
 
 
+def group_mass_loss(
+    probs_BTN: torch.Tensor,
+    task_types_B: torch.Tensor,
+    *,
+    group_of_expert: list[int] | torch.Tensor,
+    weight: float,
+    mask_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Beyond the paper: ``weight`` times the mean over samples of ``-log`` (the share of the sample's importance
+    on the experts of its own group), for one adapted linear.
+
+    Zero only when every sample routes all its mass to its own group; unlike the LBC (whose optimum leaves a share
+    ``(1 - delta) / (1 + delta)`` of the own group's mass on the other groups) it separates the groups. Importance
+    is counted as the LBC counts it (``mask_BT``: real tokens, per-sample mean).
+
+    Returns:
+        A float32 scalar.
+    """
+    _check_lbc_args(probs_BTN, group_of_expert, 0.0, weight, "cv2", mask_BT)
+    importance_BN = probs_BTN.float().sum(dim=1) if mask_BT is None else per_sample_mean(probs_BTN, mask_BT)
+    groups_N = torch.as_tensor(group_of_expert, device=probs_BTN.device)
+    own_BN = groups_N[None, :] == task_types_B.to(probs_BTN.device)[:, None]
+    share_B = (importance_BN * own_BN).sum(dim=-1) / importance_BN.sum(dim=-1).clamp_min(EPS)
+    return weight * -share_B.clamp_min(EPS).log().mean()
+
+
 def _check_lbc_args(
     probs_BTN: torch.Tensor,
     group_of_expert: list[int] | torch.Tensor,
@@ -160,7 +186,8 @@ class LossParts:
         total: the value to backpropagate: the LM term plus ``lbc_scale * lbc`` (``compute_loss``); with the
             defaults ``lm + lbc``.
         lm: exactly the model's own causal-LM loss (before any scaling by a training engine), for reporting.
-        lbc: the localized balancing constraint summed (or averaged) over adapted linears; 0 when there are no
+        lbc: the localized balancing constraint (plus the group-mass term when ``group_mass_weight`` > 0) summed
+            (or averaged) over adapted linears; 0 when there are no
             task types or ``lbc_weight`` is 0. Unscaled.
         router_probs: layer name -> ``(B, T, N)`` probabilities of this forward (empty when not recorded).
         outputs: the model's own output object (logits etc.).
@@ -216,7 +243,7 @@ def compute_loss(
     batch_size = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else None
     if batch_size == 0 or (isinstance(input_ids, torch.Tensor) and input_ids.numel() == 0):
         raise DataError("the batch is empty (no samples or no tokens); give at least one sample")
-    use_lbc = task_types is not None and cfg.lbc_weight > 0
+    use_lbc = task_types is not None and (cfg.lbc_weight > 0 or cfg.group_mass_weight > 0)
     if task_types is not None:
         check_task_types(task_types, len(cfg.task_names), batch_size)
     if forward is None:
@@ -291,4 +318,13 @@ def _lbc(
             for p in probs.values()
         ]
     )
+    if cfg.group_mass_weight > 0:
+        terms = terms + torch.stack(
+            [
+                group_mass_loss(
+                    p, task_types_B, group_of_expert=groups, weight=cfg.group_mass_weight, mask_BT=mask_BT
+                )
+                for p in probs.values()
+            ]
+        )
     return terms.sum() if cfg.lbc_reduction == "sum" else terms.mean()

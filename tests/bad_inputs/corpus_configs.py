@@ -34,6 +34,7 @@ def gen_configs() -> None:
         "lbc_normalization": ["l2", 0],
         "lbc_reduction": ["max", None],
         "lbc_positions": ["some", 1],
+        "group_mass_weight": [-1, "0.1", None, float("nan"), float("inf")],
         "task_names": [
             [],
             ["only"],

@@ -238,12 +238,25 @@ def test_adapter_saved_with_the_old_default_keeps_its_lbc_positions(tmp_path):
     assert get_config(load_adapter(tiny_model("llama"), path)).lbc_positions == "all"
 
 
+def test_adapter_config_of_format_2_loads_without_group_mass_weight(saved):
+    _, path = saved
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    assert meta["format_version"] == 3
+    del meta["config"]["group_mass_weight"]
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match=r"field 'config.group_mass_weight': missing"):  # format 3 requires it
+        load_adapter(tiny_model("llama"), path)
+    meta["format_version"] = 2  # written before the field existed: trained without the term
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    assert get_config(load_adapter(tiny_model("llama"), path)).group_mass_weight == 0.0
+
+
 def test_adapter_config_without_lbc_positions_loads_as_all_positions(saved):
     _, path = saved
     meta = json.loads((path / CONFIG_NAME).read_text())
     del meta["config"]["lbc_positions"]
     (path / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(AdapterError, match=r"field 'config.lbc_positions': missing"):  # format 2 requires it
+    with pytest.raises(AdapterError, match=r"field 'config.lbc_positions': missing"):  # format 3 requires it
         load_adapter(tiny_model("llama"), path)
     # a config written before the field existed: format 1, which defines it as "all"
     del meta["format_version"]

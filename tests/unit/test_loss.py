@@ -8,7 +8,13 @@ import torch
 from loramoe.config import LoRAMoEConfig
 from loramoe.errors import DataError
 from loramoe.inject import adapted_modules, adapter_parameters, inject
-from loramoe.loss import check_task_types, compute_loss, lbc_coefficients, localized_balancing_loss
+from loramoe.loss import (
+    check_task_types,
+    compute_loss,
+    group_mass_loss,
+    lbc_coefficients,
+    localized_balancing_loss,
+)
 from loramoe.routing import RouterRecorder
 
 from reference import lbc_coefficient, reference_lbc, reference_lbc_over_layers
@@ -142,6 +148,58 @@ def test_lbc_descent_drives_group_mass_ratio_to_documented_target(delta):
     target = (1 - delta) / (1 + delta)
     torch.testing.assert_close(other / own, torch.full((5,), target), rtol=0.02, atol=0)
     assert (own > other).all()  # each type leans toward its own group
+
+
+def test_group_mass_descent_separates_the_groups_where_the_lbc_alone_splits_them():
+    # The LBC alone settles at (1 - delta) / (1 + delta) = 0.82 (above); with the group-mass term ten times its
+    # weight each sample moves nearly all its mass to its own group, and the LBC still balances the experts inside it.
+    n, types = 8, torch.tensor([0, 1, 1, 0, 1])
+    cfg = LoRAMoEConfig(num_experts=n, lbc_delta=0.1)
+    logits = torch.nn.Parameter(torch.randn(len(types), 6, n))
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        probs = torch.softmax(logits, -1)
+        groups = cfg.group_of_expert()
+        loss = localized_balancing_loss(probs, types, group_of_expert=groups, delta=0.1, weight=0.1)
+        loss = loss + group_mass_loss(probs, types, group_of_expert=groups, weight=1.0)
+        loss.backward()
+        opt.step()
+    importance = torch.softmax(logits.detach(), -1).sum(1)
+    first, second = importance[:, : n // 2], importance[:, n // 2 :]
+    own = torch.where((types == 0)[:, None], first, second)
+    assert (own.sum(-1) / importance.sum(-1) > 0.95).all()
+    torch.testing.assert_close(own / own.mean(-1, keepdim=True), torch.ones_like(own), rtol=0.05, atol=0)
+
+
+def test_group_mass_loss_is_minus_log_of_the_own_group_share():
+    probs = torch.tensor([[[0.1, 0.2, 0.3, 0.4]], [[0.25, 0.25, 0.25, 0.25]]])  # (B=2, T=1, N=4)
+    types = torch.tensor([1, 0])  # groups: experts 0-1 serve type 0, 2-3 type 1
+    got = group_mass_loss(probs, types, group_of_expert=[0, 0, 1, 1], weight=2.0)
+    want = 2.0 * -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.5))) / 2
+    torch.testing.assert_close(got, want)
+    assert group_mass_loss(probs, types, group_of_expert=[0, 0, 1, 1], weight=0.0) == 0
+
+
+def test_compute_loss_adds_the_group_mass_term_only_when_its_weight_is_set():
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 100, (2, 5)), "task_types": torch.tensor([0, 1])}
+    batch["labels"] = batch["input_ids"].clone()
+    totals = {}
+    for gamma in (0.0, 0.5):
+        torch.manual_seed(1)
+        model = inject(tiny_model("llama"), LoRAMoEConfig(num_experts=4, rank=2, group_mass_weight=gamma))
+        model.train()
+        parts = compute_loss(model, dict(batch))
+        totals[gamma] = (parts.lm, parts.lbc, parts.router_probs)
+    lm0, lbc0, probs = totals[0.0]
+    lm1, lbc1, _ = totals[0.5]
+    torch.testing.assert_close(lm0, lm1)
+    extra = sum(
+        group_mass_loss(p, batch["task_types"], group_of_expert=[0, 0, 1, 1], weight=0.5)
+        for p in probs.values()
+    )
+    torch.testing.assert_close(lbc1, lbc0 + extra)
 
 
 def k_group_masses(importance_BN: torch.Tensor, types: torch.Tensor, sizes: tuple[int, ...]):
