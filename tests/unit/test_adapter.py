@@ -244,7 +244,9 @@ def test_adapter_config_of_format_2_loads_without_group_mass_weight(saved):
     assert meta["format_version"] == 3
     del meta["config"]["group_mass_weight"]
     (path / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(AdapterError, match=r"field 'config.group_mass_weight': missing"):  # format 3 requires it
+    with pytest.raises(
+        AdapterError, match=r"field 'config.group_mass_weight': missing"
+    ):  # format 3 requires it
         load_adapter(tiny_model("llama"), path)
     meta["format_version"] = 2  # written before the field existed: trained without the term
     (path / CONFIG_NAME).write_text(json.dumps(meta))
