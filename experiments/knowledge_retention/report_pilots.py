@@ -72,9 +72,13 @@ def pilot_table(results: dict[str, dict]) -> list[str]:
     for name in ("lora_d0", DOWNSTREAM_BAR_RUN):
         rec = results.get(name)
         if rec is not None:
+            ret, ref = "-", "-"
+            if name != "lora_d0" and "lora_d0" in results:  # the main run's own retention on the subset
+                r = paired_ratio(subset_cbqa(rec), subset_cbqa(results["lora_d0"]), draws=DRAWS)
+                ret, ref = fmt(r["ratio"], r["lo"], r["hi"], digits=2), "`lora_d0`"
             lines.append(
-                f"| `{name}` (main run) | - | {rec['train']['steps']} | {fmt(*pooled(subset_cbqa(rec)))} | - | - "
-                f"| {fmt(*down_mean(rec))} | - | - |"
+                f"| `{name}` (main run) | - | {rec['train']['steps']} | {fmt(*pooled(subset_cbqa(rec)))} | {ref} "
+                f"| {ret} | {fmt(*down_mean(rec))} | - | - |"
             )
     for row in rows:
         p, rec = row["pilot"], row["rec"]
