@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
-from run import GROUPS_OFF, METHODS, SIZES, item_key, parse_run, queue  # noqa: E402
+from run import GROUPS_OFF, METHODS, SHARES, SIZES, item_key, parse_run, queue  # noqa: E402
 from scoring import decode_values, paired_bootstrap, paired_ratio  # noqa: E402
 from sets import CBQA  # noqa: E402
 
@@ -27,9 +27,14 @@ LABEL = {
     "loramoe_top2": "LoRAMoE top-2 + strong LBC",
     "full": "full FT",
     "loramoe_nolbc": "LoRAMoE w/o LBC",
+    "loramoe_gm": "LoRAMoE + LBC + group mass (beyond the paper)",
 }
 BEGIN, END = "<!-- kr:begin -->", "<!-- kr:end -->"
 DRAWS = 2000
+
+
+def label(row: dict) -> str:
+    return LABEL[row["method"]] + (" (narrow mix)" if row["setting"] == "_narrow" else "")
 
 
 def load(results: Path) -> dict[str, dict]:
@@ -87,7 +92,8 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
         method, size, suffix = parse_run(name)
         ref = res.get(f"{method}_d0{suffix}") or res.get(f"{method}_d0")
         row = {"name": name, "method": method, "size": size, "seed": rec["seed"], "rec": rec,
-               "cbqa": pooled(cbqa_values(rec)), "down": down_mean(rec)}  # fmt: skip
+               "setting": suffix if suffix in SHARES else "", "cbqa": pooled(cbqa_values(rec)),
+               "down": down_mean(rec)}  # fmt: skip
         if ref is not None and size:
             if any(rec["sets"][s] != ref["sets"][s] for s in CBQA):
                 raise SystemExit(
@@ -139,7 +145,7 @@ def tables(res: dict[str, dict]) -> str:
         ret = fmt(*r["retention"], 2) if "retention" in r else "(reference)"
         retw = fmt(*r["retention_webq"], 2) if "retention_webq" in r else "-"
         lines.append(
-            f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | {r['rec']['train']['steps']} | {fmt(*r['cbqa'])} | "
+            f"| {label(r)} | {r['size']} | {r['seed']} | {r['rec']['train']['steps']} | {fmt(*r['cbqa'])} | "
             f"{ret} | {fmt(s['webq']['score'], s['webq']['lo'], s['webq']['hi'])} | {retw} | "
             f"{fmt(s['efficientqa']['score'], s['efficientqa']['lo'], s['efficientqa']['hi'])} | "
             f"{fmt(s['trec']['score'], s['trec']['lo'], s['trec']['hi'])} | {fmt(*r['down'])} |"
@@ -178,11 +184,11 @@ def diff(a: tuple[float, float, float] | dict, digits: int = 3) -> str:
 
 def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
     """Each LoRAMoE variant against LoRA at the same downstream volume and seed, paired over the same items."""
-    lora = {(r["size"], r["seed"]): r for r in rows if r["method"] == "lora"}
+    lora = {(r["size"], r["seed"], r["setting"]): r for r in rows if r["method"] == "lora"}
     pairs = [
-        (r, lora[r["size"], r["seed"]])
+        (r, lora[r["size"], r["seed"], r["setting"]])
         for r in rows
-        if r["method"] != "lora" and (r["size"], r["seed"]) in lora
+        if r["method"] != "lora" and (r["size"], r["seed"], r["setting"]) in lora
     ]
     if not pairs:
         return []
@@ -212,7 +218,7 @@ def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
             )
             ret = diff(d, 2)
         lines.append(
-            f"| {LABEL[r['method']]} | {r['size']} | {r['seed']} | "
+            f"| {label(r)} | {r['size']} | {r['seed']} | "
             f"{diff(d_cbqa)} | {ret} | "
             f"{diff(d_webq)} | "
             f"{diff(d_facts)} | "
@@ -287,7 +293,7 @@ def figure(res: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run_rows(res) if r["seed"] == 42]
+    rows = [r for r in run_rows(res) if r["seed"] == 42 and not r["setting"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, method in enumerate(METHODS):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["size"])
