@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(line: str) -> None:
+    """Write the line and its newline in one write: processes that fail together (the ranks of a torchrun) then
+    never run their lines together on a shared stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,13 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         message = " ".join(str(err).split("\n"))  # one line, even when a wrapped library message has several
-        print(f"loramoe {args.command}: error: {message}", file=sys.stderr)
+        _error_line(f"loramoe {args.command}: error: {message}")
         return 2
     except OSError as err:  # a fault of the file system that no command turned into its own error
         if args.verbose:
             raise
         line = FileSystemError.from_fault(err, err.filename or Path.cwd(), doing=f"loramoe {args.command}")
-        print(f"loramoe {args.command}: error: {line}", file=sys.stderr)
+        _error_line(f"loramoe {args.command}: error: {line}")
         return 2
     except KeyboardInterrupt:
         print(f"loramoe {args.command}: interrupted", file=sys.stderr)
