@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import loramoe.errors as errors
 from loramoe.config import LoRAMoEConfig
-from loramoe.data.formats import parse_records, read_records
+from loramoe.data.formats import parse_records
+from loramoe.data.records import read_records
 from loramoe.errors import LoRAMoEError
 from loramoe.training.run_config import RunConfig
 

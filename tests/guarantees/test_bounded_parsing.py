@@ -61,7 +61,7 @@ def _returns_within(seconds: float, call) -> BaseException | None:
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_fifos_and_devices_are_refused_without_reading(root, tmp_path):
-    from loramoe.data.formats import read_records
+    from loramoe.data.records import read_records
     from loramoe.inference.prompts import read_prompts
 
     fifo = tmp_path / "data.jsonl"
@@ -147,7 +147,7 @@ LONG = "1" * 5000  # past Python's 4,300-digit limit on int(str), which would en
 
 
 def test_an_integer_too_long_to_read_is_a_one_line_error_naming_where(tmp_path):
-    from loramoe.data.formats import read_records
+    from loramoe.data.records import read_records
     from loramoe.files import parse_yaml, read_json
     from loramoe.inference.prompts import read_prompts
     from loramoe.inject import experts_spec
@@ -198,7 +198,7 @@ def test_long_integers_in_command_line_values_exit_2(root, capsys):
 
 
 def test_a_key_given_twice_in_a_json_object_is_refused_naming_it(tmp_path):
-    from loramoe.data.formats import read_records
+    from loramoe.data.records import read_records
     from loramoe.files import read_json
     from loramoe.inference.prompts import read_prompts
 
@@ -233,7 +233,7 @@ def test_a_key_given_twice_in_a_json_object_is_refused_naming_it(tmp_path):
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=st.text(alphabet=st.sampled_from(list('[]{}":,0123456789-e. aNI')), max_size=120))
 def test_data_lines_raise_only_data_errors(tmp_path_factory, text):
-    from loramoe.data.formats import read_records
+    from loramoe.data.records import read_records
 
     path = tmp_path_factory.mktemp("jsonl") / "x.jsonl"
     path.write_text(text + "\n" + '{"a": %s}' % ("7" * (90 + len(text))))

@@ -13,12 +13,11 @@ from loramoe.config import BINARY_TASK_NAMES
 from loramoe.data.formats import (
     Example,
     check_task_names,
-    dataset_rows,
     detect_format,
     parse_records,
-    read_records,
     resolve_task_type,
 )
+from loramoe.data.records import dataset_rows, read_records
 from loramoe.errors import ConfigError, DataError
 
 

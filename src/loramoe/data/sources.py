@@ -25,12 +25,11 @@ from loramoe.data.formats import (
     RECORD_FIELDS,
     Example,
     check_task_names,
-    dataset_rows,
     parse_records,
-    read_records,
     resolve_task_type,
     valid_task_types,
 )
+from loramoe.data.records import dataset_rows, read_records
 from loramoe.errors import ConfigError, DataError
 from loramoe.validation import (
     PATH_NEED,
