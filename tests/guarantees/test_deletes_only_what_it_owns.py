@@ -116,7 +116,7 @@ def test_an_edited_checkpoint_is_never_deleted(root, tmp_path, caplog):
     """JSON files are checksummed by content: re-indented, a checkpoint still verifies and is resumed from. One
     whose content changed after it was complete fails verification and is set aside, every byte kept, never
     removed; the run resumes from the one before it and writes that step again."""
-    from loramoe.training.checkpoints import COMPLETE_MARKER, checkpoint_is_complete
+    from loramoe.training.completion import COMPLETE_MARKER, checkpoint_is_complete
 
     out = tmp_path / "run"
     owned_run(root, out, max_steps=6)
@@ -204,7 +204,7 @@ def test_what_a_kill_leaves_mid_create_or_mid_remove_is_finished_on_resume(root,
 def test_an_output_directory_of_an_earlier_loramoe_resumes_from_its_verified_checkpoints(root, tmp_path):
     """Written before owner markers: its complete checkpoints (loramoe's own completion marker verifies) are found
     and resumed from; a torn one without markers cannot be proven to be loramoe's and is refused, not removed."""
-    from loramoe.training.checkpoints import mark_complete
+    from loramoe.training.completion import mark_complete
 
     out = tmp_path / "old"
     owned_run(root, out, max_steps=6)

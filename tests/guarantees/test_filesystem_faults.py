@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from loramoe.errors import ConfigError, FileSystemError
-from loramoe.training.checkpoints import checkpoint_is_complete, latest_good_checkpoint, run_id_of
+from loramoe.training.checkpoints import latest_good_checkpoint, run_id_of
+from loramoe.training.completion import checkpoint_is_complete
 from loramoe.training.run_config import RunConfig
 from loramoe.training.train import train
 

@@ -77,7 +77,8 @@ def _record_training_steps(monkeypatch) -> list[tuple[int, int]]:
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bitwise(
     workspace, processes, tmp_path, monkeypatch
 ):
-    from loramoe.training.checkpoints import COMPLETE_MARKER, latest_good_checkpoint
+    from loramoe.training.checkpoints import latest_good_checkpoint
+    from loramoe.training.completion import COMPLETE_MARKER
 
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -129,7 +130,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_b
 
 
 def test_torn_checkpoints_are_skipped_and_the_previous_good_one_is_used(workspace, tmp_path, caplog):
-    from loramoe.training.checkpoints import COMPLETE_MARKER, latest_good_checkpoint
+    from loramoe.training.checkpoints import latest_good_checkpoint
+    from loramoe.training.completion import COMPLETE_MARKER
 
     out = tmp_path / "run"
     train(RunConfig.from_dict(_run_config(workspace, out, max_steps=9)))

@@ -167,7 +167,8 @@ def test_a_pickle_in_a_checkpoints_optimizer_or_rng_state_is_refused_in_one_line
     file, exit code 2, the checkpoints untouched."""
     import yaml
 
-    from loramoe.training.checkpoints import mark_complete, run_id_of
+    from loramoe.training.checkpoints import run_id_of
+    from loramoe.training.completion import mark_complete
 
     out = tmp_path / "run"
     train(RunConfig.from_dict(config(root, out, max_steps=6)))

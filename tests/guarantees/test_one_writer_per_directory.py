@@ -23,7 +23,8 @@ from loramoe.cli import main
 from loramoe.config import LoRAMoEConfig
 from loramoe.dirlock import LOCK_FILE, read_holder
 from loramoe.errors import AdapterError, ConfigError
-from loramoe.training.checkpoints import COMPLETE_MARKER, OWNER_MARKER
+from loramoe.training.checkpoints import OWNER_MARKER
+from loramoe.training.completion import COMPLETE_MARKER
 from loramoe.training.run_config import RunConfig
 from loramoe.training.train import train
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import loramoe
-from loramoe.training.checkpoints import COMPLETE_MARKER, OWNER_MARKER, latest_good_checkpoint
+from loramoe.training.checkpoints import OWNER_MARKER, latest_good_checkpoint
+from loramoe.training.completion import COMPLETE_MARKER
 
 from tiny import tiny_model, tiny_tokenizer
 

@@ -28,7 +28,6 @@ and only among this run's complete checkpoints, so a kill at any moment leaves a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,18 +41,20 @@ from pathlib import Path
 from loramoe.dirlock import LOCK_FILE
 from loramoe.errors import ConfigError, FileSystemError, LoRAMoEError, TrainingError
 from loramoe.files import (
-    MAX_JSON_BYTES,
     atomic_write_text,
     fsync_dir,
     leftover_temp_files,
-    not_regular,
     read_json,
-    sha256_file,
+)
+from loramoe.training.completion import (
+    COMPLETE_MARKER,
+    checkpoint_is_complete,
+    is_real,
+    verification_problem,
 )
 
 logger = logging.getLogger("loramoe.train")
 
-COMPLETE_MARKER = "loramoe_complete.json"
 OWNER_MARKER = "loramoe_owner.json"
 LEGACY_RUN_FILE = "loramoe_run.json"  # an output directory an earlier loramoe (before owner markers) wrote
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -195,17 +196,9 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     found = [
         (int(m.group(1)), p)
         for p in root.iterdir()
-        if (m := _CHECKPOINT_RE.match(p.name)) and (p.is_symlink() or _is_real(p))
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p.is_symlink() or is_real(p))
     ]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def _is_real(path: Path, kind=stat.S_ISDIR) -> bool:
-    """A directory (or ``kind``) itself, not a link to one: loramoe never follows a link out of the run."""
-    try:
-        return kind(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def is_owned(folder: Path, run_id: str | None) -> bool:
@@ -213,11 +206,11 @@ def is_owned(folder: Path, run_id: str | None) -> bool:
     an earlier loramoe, written before owner markers) it has no owner marker and its completion marker, which only
     loramoe writes, verifies. ``run_id`` None (a directory not claimed yet) owns only such earlier checkpoints.
     A link is never owned: loramoe makes none."""
-    if not _is_real(folder):
+    if not is_real(folder):
         return False
     marker = folder / OWNER_MARKER
     if os.path.lexists(marker):
-        return run_id is not None and _is_real(marker, stat.S_ISREG) and _marker_id(marker) == run_id
+        return run_id is not None and is_real(marker, stat.S_ISREG) and _marker_id(marker) == run_id
     return checkpoint_is_complete(folder)
 
 
@@ -254,73 +247,6 @@ def begin_checkpoint(folder: Path, run_id: str) -> None:
     atomic_write_text(new / OWNER_MARKER, json.dumps({"run_id": run_id}) + "\n")
     os.rename(new, folder)
     fsync_dir(folder.parent)
-
-
-def mark_complete(folder: Path, run_id: str | None = None) -> None:
-    """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last."""
-    files = {
-        p.name: _digest(p)
-        for p in sorted(folder.iterdir())
-        if _is_real(p, stat.S_ISREG) and p.name != COMPLETE_MARKER
-    }
-    body = {"files": files, **({"run_id": run_id} if run_id else {})}
-    atomic_write_text(folder / COMPLETE_MARKER, json.dumps(body, indent=1, sort_keys=True))
-
-
-def _digest(path: Path) -> str:
-    """The checksum of a file as the completion marker records it.
-
-    A JSON file's checksum is that of its parsed content written canonically (sorted keys, no spaces), not of its
-    bytes. Every JSON file in a checkpoint (trainer state, configs, tokenizer files, markers) is only ever read by
-    parsing it, so its content is what it means: a user or a tool that re-indents it or reorders its keys has
-    damaged nothing, and the checkpoint must stay resumable. What the checksum is for is still caught: a torn JSON
-    file does not parse, and any changed value changes the canonical text. Other files are hashed byte for byte,
-    and so is a JSON file too large to parse cheaply or one that does not parse.
-    """
-    if path.suffix == ".json" and path.stat().st_size <= MAX_JSON_BYTES:
-        try:
-            value = json.loads(path.read_bytes())
-            text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-            return "json:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-        except (ValueError, RecursionError):
-            pass
-    return sha256_file(path)
-
-
-def verification_problem(folder: Path) -> str | None:
-    """What keeps ``folder`` from verifying (no completion marker, a file missing or changed), or None when every
-    file its completion marker lists is there with its recorded checksum."""
-    marker = folder / COMPLETE_MARKER
-    if not _is_real(folder):
-        return "a link, not a folder: loramoe never follows one out of the run"
-    if not os.path.lexists(marker):
-        return f"no {COMPLETE_MARKER}: its save did not finish"
-    try:
-        # Only regular files inside the folder are read, never through a link (to /dev/zero, or out of the run).
-        linked = sorted(p.name for p in folder.iterdir() if p.is_symlink() or not_regular(p))
-        if linked:
-            return f"{linked[0]} is a link or a special file, not a regular file"
-        files = read_json(marker, error=ConfigError, what="marker")["files"]
-        if not isinstance(files, dict) or not files:
-            return f"{COMPLETE_MARKER} lists no files"
-        for name, digest in sorted(files.items()):
-            path = folder / name
-            if not isinstance(name, str) or Path(name).name != name or not path.exists():
-                return f"{name} is missing"
-            special = not_regular(path)
-            if special is not None or not path.is_file():
-                return f"{name} is {special or 'a directory'}, not a regular file"
-            # a marker written before JSON files were checksummed by content holds the bytes' checksum
-            if digest != _digest(path) and not (path.suffix == ".json" and digest == sha256_file(path)):
-                return f"{name} differs from the checksum in {COMPLETE_MARKER}"
-    except (OSError, LoRAMoEError, KeyError, TypeError, AttributeError) as err:
-        return f"{COMPLETE_MARKER} cannot be read ({err})"
-    return None
-
-
-def checkpoint_is_complete(folder: Path) -> bool:
-    """Whether ``folder``'s completion marker lists files that are all there with their recorded checksums."""
-    return verification_problem(folder) is None
 
 
 def latest_good_checkpoint(
@@ -402,7 +328,7 @@ def _remove_owned(folder: Path, run_id: str, why: str) -> None:
     logger.warning("removing %s: %s", folder, why)
     doomed = folder.parent / f".{folder.name}.removing-{run_id}"
     try:
-        if _is_real(doomed):  # an earlier removal of the same folder, interrupted: named by this run's id
+        if is_real(doomed):  # an earlier removal of the same folder, interrupted: named by this run's id
             shutil.rmtree(doomed)
         os.rename(folder, doomed)
         fsync_dir(folder.parent)
@@ -423,7 +349,7 @@ def _sweep_leftovers(run_dir: Path, run_id: str) -> None:
         *run_dir.glob(f".checkpoint-*.removing-{run_id}"),
     ]:
         try:
-            if _is_real(leftover):
+            if is_real(leftover):
                 shutil.rmtree(leftover)
         except OSError as err:  # read-only: it stays hidden, and the next process of the run tries again
             logger.warning("leaving %s as it is: %s", leftover, err.strerror or err)

@@ -35,13 +35,8 @@ from loramoe.errors import FileSystemError, LoRAMoEError, TrainingError, is_writ
 from loramoe.inject import get_config
 from loramoe.loss import compute_loss
 from loramoe.models.quantization import adapters_attached
-from loramoe.training.checkpoints import (
-    begin_checkpoint,
-    checkpoint_is_complete,
-    latest_good_checkpoint,
-    mark_complete,
-    rotate_checkpoints,
-)
+from loramoe.training.checkpoints import begin_checkpoint, latest_good_checkpoint, rotate_checkpoints
+from loramoe.training.completion import checkpoint_is_complete, mark_complete
 from loramoe.training.sharded import load_sharded_adapter_weights, save_sharded_adapter
 from loramoe.training.stats import RouterStatsCallback
 
