@@ -165,3 +165,11 @@ def test_the_facade_checker_sees_absolute_relative_and_submodule_forms(tmp_path)
         "from loramoe.adapter import save_adapter\nimport loramoe.layer\nfrom . import engine\n"
     )
     assert facade_imports(module, tmp_path / "loramoe") == [1, 2, 3]
+
+
+def test_no_module_is_over_400_lines():
+    # A module past 400 lines has usually grown a second concept; split it by concept, not by size.
+    long = {
+        str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, f"split by concept (docs/architecture.md): {long}"
