@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent / "forgetting")]
 
-from run import GROUPS_OFF, METHODS, SHARES, SIZES, item_key, parse_run, queue  # noqa: E402
+from run import GROUPS_OFF, METHODS, SIZES, item_key, parse_run, queue, setting_of  # noqa: E402
 from scoring import decode_values, paired_bootstrap, paired_ratio  # noqa: E402
 from sets import CBQA  # noqa: E402
 
@@ -90,10 +90,10 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
         if rec.get("item") != name or name == "base" or "__" in name or name.startswith("pilot_"):
             continue
         method, size, suffix = parse_run(name)
-        ref = res.get(f"{method}_d0{suffix}") or res.get(f"{method}_d0")
-        row = {"name": name, "method": method, "size": size, "seed": rec["seed"], "rec": rec,
-               "setting": suffix if suffix in SHARES else "", "cbqa": pooled(cbqa_values(rec)),
-               "down": down_mean(rec)}  # fmt: skip
+        ref_name = f"{method}_d0{suffix}" if f"{method}_d0{suffix}" in res else f"{method}_d0"
+        ref = res.get(ref_name)
+        row = {"name": name, "method": method, "size": size, "seed": rec["seed"], "rec": rec, "ref": ref_name,
+               "setting": setting_of(suffix), "cbqa": pooled(cbqa_values(rec)), "down": down_mean(rec)}  # fmt: skip
         if ref is not None and size:
             if any(rec["sets"][s] != ref["sets"][s] for s in CBQA):
                 raise SystemExit(
@@ -109,7 +109,8 @@ def run_rows(res: dict[str, dict]) -> list[dict]:
 
 
 def tables(res: dict[str, dict]) -> str:
-    from report_pilots import pilot_table  # report_pilots.py imports this module
+    from report_compare import head_to_head, seed_table  # both modules import this one
+    from report_pilots import pilot_table
 
     rows = run_rows(res)
     lines = []
@@ -162,7 +163,11 @@ def tables(res: dict[str, dict]) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{s[p]['score']:.3f}" for p in probes) + " |")
     lines += [
         "",
-        *head_to_head(res, rows),
+        *head_to_head(res, rows, "lora"),
+        "",
+        *head_to_head(res, rows, "full"),
+        "",
+        *seed_table(res, rows),
         "",
         *pilot_table(res),
         "",
@@ -180,51 +185,6 @@ def diff(a: tuple[float, float, float] | dict, digits: int = 3) -> str:
     if isinstance(a, dict):
         a = (a["value"], a["lo"], a["hi"])
     return f"{a[0]:+.{digits}f} [{a[1]:+.{digits}f}, {a[2]:+.{digits}f}]"
-
-
-def head_to_head(res: dict[str, dict], rows: list[dict]) -> list[str]:
-    """Each LoRAMoE variant against LoRA at the same downstream volume and seed, paired over the same items."""
-    lora = {(r["size"], r["seed"], r["setting"]): r for r in rows if r["method"] == "lora"}
-    pairs = [
-        (r, lora[r["size"], r["seed"], r["setting"]])
-        for r in rows
-        if r["method"] != "lora" and (r["size"], r["seed"], r["setting"]) in lora
-    ]
-    if not pairs:
-        return []
-    lines = [
-        "Head to head with LoRA at the same downstream volume and seed: differences paired over the same items "
-        "(positive = the other method keeps or scores more; retention difference = the difference of the two "
-        "methods' ratios to their own knowledge-only runs, the four runs resampled together). `facts` (108 world "
-        "facts the base model knows, asked in chat) is where the first experiment saw the forgetting.",
-        "",
-        "| method - LoRA | downstream n | seed | CBQA | retention | WebQ | facts | downstream |",
-        "|---|---:|---:|---|---|---|---|---|",
-    ]
-    for r, ref in pairs:
-        a, b = r["rec"], ref["rec"]
-        d_cbqa = paired_bootstrap(lambda x, y: x - y, [cbqa_values(a), cbqa_values(b)], draws=DRAWS)
-        d_webq, d_facts = (
-            paired_bootstrap(lambda x, y: x - y, [values(a, suite), values(b, suite)], draws=DRAWS)
-            for suite in ("webq", "facts")
-        )
-        ret = "-"
-        a0, b0 = res.get(f"{r['method']}_d0"), res.get("lora_d0")
-        if r["size"] and a0 and b0:
-            d = paired_bootstrap(
-                lambda x, x0, y, y0: x / x0 - y / y0,
-                [cbqa_values(a), cbqa_values(a0), cbqa_values(b), cbqa_values(b0)],
-                draws=DRAWS,
-            )
-            ret = diff(d, 2)
-        lines.append(
-            f"| {label(r)} | {r['size']} | {r['seed']} | "
-            f"{diff(d_cbqa)} | {ret} | "
-            f"{diff(d_webq)} | "
-            f"{diff(d_facts)} | "
-            f"{diff(downstream_bootstrap([a, b], lambda x, y: x - y))} |"
-        )
-    return lines
 
 
 def group_off_table(res: dict[str, dict]) -> list[str]:
@@ -349,7 +309,12 @@ def report(results: Path) -> None:
     _, tail = rest.split(END, 1)
     doc.write_text(f"{head}{BEGIN}\n{tables(res)}\n{END}{tail}", encoding="utf-8")
     figure(res, REPO / "docs" / "figures" / "knowledge_retention.png")
-    print(f"{doc}: {len(res)} results; docs/figures/knowledge_retention.png")
+    from report_compare import setting_figure
+
+    setting_figure(run_rows(res), REPO / "docs" / "figures" / "knowledge_retention_settings.png")
+    print(
+        f"{doc}: {len(res)} results; docs/figures/knowledge_retention.png, knowledge_retention_settings.png"
+    )
 
 
 if __name__ == "__main__":

@@ -72,10 +72,18 @@ METHODS = {
     ),
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
-SEEDS = {"": 42, "_s2": 43, "_narrow": 42}  # run-name suffix -> training seed (init, order, dropout)
+# run-name suffix -> training seed (init, order, dropout)
+SEEDS = {"": 42, "_s2": 43, "_narrow": 42, "_narrow_s2": 43}
 # run-name suffix -> downstream shares per task (default: equal shares). "_narrow" is the setting the pilots' rule
 # chose (pilots.py): 3,000 SST-2 + 200 of each other task; its runs' reference is the same method's ``_d0`` run.
-SHARES = {"_narrow": NARROW}
+SHARES = {"_narrow": NARROW, "_narrow_s2": NARROW}
+
+
+def setting_of(suffix: str) -> str:
+    """The data setting a run-name suffix names, without its seed: ``_narrow_s2`` -> ``_narrow``, ``_s2`` -> ``""``."""
+    return suffix.removesuffix("_s2")
+
+
 GROUPS_OFF = ("knowledge", "downstream")
 
 EVAL_N = {"webq": 2032, "efficientqa": 1000, "trec": 430, "rome": 200, "lama": 200, "facts": 108,
@@ -95,8 +103,9 @@ def queue() -> list[tuple[str, ...]]:
 
     The order: the comparison the first sessions ran (LoRA, LoRAMoE + LBC, top-2 at 0 and 4,000, their groups
     switched off); full fine-tuning, the positive control; the pilots that look for a setting where LoRA forgets;
-    every method at the setting they chose (``_narrow``); the second seed of the 4,000 runs every conclusion rests
-    on; the variant beyond the paper (``loramoe_gm``); then the rest of the original plan."""
+    every method at the setting they chose (``_narrow``); the second seed of the runs every conclusion rests on
+    (the pressure setting's two main runs, then the 4,000 ordinary-mixture runs); the variant beyond the paper
+    (``loramoe_gm``); then the rest of the original plan."""
     first = ["lora", "loramoe_lbc", "loramoe_top2"]
     items: list[tuple[str, ...]] = [("base",)]
 
@@ -121,6 +130,9 @@ def queue() -> list[tuple[str, ...]]:
     offs(first, 4000, "_narrow")
     runs(["loramoe_nolbc"], 0)
     runs(["loramoe_nolbc"], 4000, "_narrow")
+    # second seeds: the pressure setting's two main runs first (the forgetting and the head-to-head rest on them),
+    # then the 4,000 ordinary-mixture runs
+    runs(["lora", "loramoe_lbc"], 4000, "_narrow_s2")
     runs(first, 4000, "_s2")
     runs(["loramoe_gm"], 0)
     runs(["loramoe_gm"], 4000, "_narrow")

@@ -1,0 +1,141 @@
+"""The comparisons of docs/results.md: each method head to head with LoRA and each LoRAMoE variant with full
+fine-tuning (same downstream volume, mixture and seed, paired over the same items), and each second-seed run beside
+its first seed with the spread between them."""
+
+from __future__ import annotations
+
+from report import DRAWS, cbqa_values, diff, downstream_bootstrap, fmt, label, values
+from scoring import paired_bootstrap
+
+AGAINST = {
+    "lora": (
+        "Head to head with LoRA",
+        lambda method: method != "lora",
+    ),
+    "full": (
+        "Head to head with full fine-tuning (the paper's baseline)",
+        lambda method: method.startswith("loramoe"),
+    ),
+}
+
+
+def head_to_head(res: dict[str, dict], rows: list[dict], against: str) -> list[str]:
+    """Every run whose method ``AGAINST[against]`` selects, against the ``against`` run at the same downstream
+    volume, mixture and seed."""
+    title, selects = AGAINST[against]
+    key = lambda r: (r["size"], r["seed"], r["setting"])  # noqa: E731
+    other = {key(r): r for r in rows if r["method"] == against}
+    pairs = [(r, other[key(r)]) for r in rows if selects(r["method"]) and key(r) in other]
+    if not pairs:
+        return []
+    lines = [
+        f"{title} at the same downstream volume, mixture and seed: differences paired over the same items "
+        f"(positive = the first method keeps or scores more; retention difference = the difference of the two "
+        "methods' ratios to their own knowledge-only runs, the four runs resampled together). `facts` (108 world "
+        "facts the base model knows, asked in chat) is where the first experiment saw the forgetting.",
+        "",
+        f"| method - {'LoRA' if against == 'lora' else 'full FT'} | downstream n | seed | CBQA | retention | WebQ | "
+        "facts | downstream |",
+        "|---|---:|---:|---|---|---|---|---|",
+    ]
+    for r, ref in pairs:
+        a, b = r["rec"], ref["rec"]
+        d_cbqa, d_webq, d_facts = (
+            paired_bootstrap(lambda x, y: x - y, cols, draws=DRAWS)
+            for cols in (
+                [cbqa_values(a), cbqa_values(b)],
+                [values(a, "webq"), values(b, "webq")],
+                [values(a, "facts"), values(b, "facts")],
+            )
+        )
+        ret = "-"
+        a0, b0 = res.get(r["ref"]), res.get(ref["ref"])
+        if r["size"] and a0 and b0:
+            d = paired_bootstrap(
+                lambda x, x0, y, y0: x / x0 - y / y0,
+                [cbqa_values(a), cbqa_values(a0), cbqa_values(b), cbqa_values(b0)],
+                draws=DRAWS,
+            )
+            ret = diff(d, 2)
+        lines.append(
+            f"| {label(r)} | {r['size']} | {r['seed']} | {diff(d_cbqa)} | {ret} | {diff(d_webq)} | "
+            f"{diff(d_facts)} | {diff(downstream_bootstrap([a, b], lambda x, y: x - y))} |"
+        )
+    return lines
+
+
+def seed_table(res: dict[str, dict], rows: list[dict]) -> list[str]:
+    """Each second-seed run beside its first seed: CBQA, retention, downstream and facts of both, and the
+    difference between the seeds paired over the same items."""
+    by_name = {r["name"]: r for r in rows}
+    pairs = [(by_name[r["name"].removesuffix("_s2")], r) for r in rows
+             if r["name"].endswith("_s2") and r["name"].removesuffix("_s2") in by_name]  # fmt: skip
+    if not pairs:
+        return ["Second seeds: none finished yet (queued after the pressure setting's comparison)."]
+    lines = [
+        "Second seed beside the first (training seed 43 against 42: a different initialisation of the adapters, "
+        "order of the samples and dropout; the same data sets, evaluation items and knowledge-only reference "
+        "unless a second-seed reference ran). Seed difference = second - first, paired over the same items; its "
+        "size is the spread a single-seed conclusion carries.",
+        "",
+        "| run | CBQA seed 1 | CBQA seed 2 | seed difference | retention seed 1 | retention seed 2 | "
+        "downstream seed 1 | downstream seed 2 | facts seed 1 | facts seed 2 |",
+        "|---|---|---|---|---|---|---|---|---:|---:|",
+    ]
+    spread = {"CBQA": 0.0, "retention": 0.0, "downstream": 0.0, "facts": 0.0}
+    for one, two in pairs:
+        a, b = one["rec"], two["rec"]
+        d = paired_bootstrap(lambda x, y: y - x, [cbqa_values(a), cbqa_values(b)], draws=DRAWS)
+        ret = [fmt(*r["retention"], 2) if "retention" in r else "(reference)" for r in (one, two)]
+        fa, fb = a["scores"]["facts"]["score"], b["scores"]["facts"]["score"]
+        lines.append(
+            f"| {label(one)}, {one['size']} | {fmt(*one['cbqa'])} | {fmt(*two['cbqa'])} | {diff(d)} | {ret[0]} | "
+            f"{ret[1]} | {fmt(*one['down'])} | {fmt(*two['down'])} | {fa:.3f} | {fb:.3f} |"
+        )
+        spread["CBQA"] = max(spread["CBQA"], abs(d["value"]))
+        spread["downstream"] = max(spread["downstream"], abs(two["down"][0] - one["down"][0]))
+        spread["facts"] = max(spread["facts"], abs(fb - fa))
+        if "retention" in one and "retention" in two:
+            spread["retention"] = max(spread["retention"], abs(two["retention"][0] - one["retention"][0]))
+    lines += [
+        "",
+        "Largest spread between the seeds over these runs: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
+        + " (absolute differences of the point values).",
+    ]
+    return lines
+
+
+def setting_figure(rows: list[dict], path) -> None:
+    """Retention at 4,000 downstream samples per method, the ordinary mixture beside the narrow one (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from run import METHODS
+
+    at = {
+        (r["method"], r["setting"]): r
+        for r in rows
+        if r["size"] == 4000 and r["seed"] == 42 and "retention" in r
+    }
+    methods = [m for m in METHODS if (m, "_narrow") in at]
+    if not methods:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for j, (setting, name) in enumerate(
+        (("", "ordinary mixture"), ("_narrow", "narrow mixture (3,000 SST-2)"))
+    ):
+        pts = [(i, at[m, setting]["retention"]) for i, m in enumerate(methods) if (m, setting) in at]
+        ax.errorbar([i + (j - 0.5) * 0.25 for i, _ in pts], [p[0] for _, p in pts],
+                    yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]],
+                    fmt="o", capsize=3, label=name)  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xticks(range(len(methods)), [label({"method": m, "setting": ""}) for m in methods], fontsize=8)
+    ax.set_ylabel("CBQA retention at 4,000")
+    ax.set_title("retention vs the method's knowledge-only run, 95 % intervals", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
