@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from loramoe.serve.config import ServeConfig
+from loramoe.serve.protocol import MAX_STOP_CHARS
 
 from serve_helpers import USER, chat, make_adapters, running
 
@@ -86,6 +87,12 @@ BAD_REQUESTS = {
     "tools": ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     "a penalty": ({"messages": USER, "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     "too many stops": ({"messages": USER, "stop": list("abcde")}, 400, "stop", "at most 4"),
+    "a stop string too long": (
+        {"messages": USER, "stop": ["a", "x" * (MAX_STOP_CHARS + 1)]},
+        400,
+        "stop",
+        f"a string of {MAX_STOP_CHARS + 1} characters; at most {MAX_STOP_CHARS}",
+    ),
     "prompt over the limit": (
         {"messages": [{"role": "user", "content": "x" * 300}]},
         400,
@@ -117,6 +124,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(strict, case)
     assert words in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
     ok = chat(strict.url, {"messages": USER, "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_stop_string_at_the_length_limit_is_accepted(strict):
+    body = {"messages": USER, "max_tokens": 2, "stop": ["\u00e9" * MAX_STOP_CHARS, "x" * MAX_STOP_CHARS]}
+    response = chat(strict.url, body)
+    assert response.status_code == 200, response.text
 
 
 def test_unknown_routes_and_methods_get_openai_shaped_errors(strict):

@@ -25,6 +25,12 @@ from loramoe.inference.loop import Completion
 from loramoe.inference.sampling import SEED_RANGE, Sampling, float32_positive, sampling_for
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# Longest stop string, in characters. Every decoding step looks for each stop string in the text and for the end of
+# the text that begins one (``inference.text.TextStream``), at a cost that grows with the stop string's length
+# (faster than linearly) on the thread that decodes the whole batch: four stop strings of 64k characters, which fit
+# in a 1 MB body, cost seconds a step. Stop strings are markers ("\nUser:", "</answer>"); 256 characters holds any
+# of them and keeps the search under about a millisecond a step.
+MAX_STOP_CHARS = 256
 # OpenAI parameters this server does not implement; refused unless absent or null.
 UNSUPPORTED = (
     "tools",
@@ -281,6 +287,13 @@ def sampling(
         )
     if any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise APIError(
+            400,
+            f"stop holds a string of {longest} characters; at most {MAX_STOP_CHARS} are allowed per stop string",
+            param="stop",
+        )
     try:
         return sampling_for(
             model,
