@@ -24,3 +24,12 @@ settings.load_profile("loramoe")
 def _offline_and_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The serving tests' tiny LoRAMoE adapters (``serve_helpers.make_adapters``), built once: the tests only read
+    them."""
+    from serve_helpers import make_adapters  # the web stack, imported only by the tests that serve
+
+    return make_adapters(tmp_path_factory)

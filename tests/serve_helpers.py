@@ -81,7 +81,7 @@ def _printable(tokenizer, token_id: int) -> bool:
 
 def make_adapters(tmp_path_factory) -> dict[str, Path]:
     """``plain`` (some answers end early) and ``endless`` (every answer runs to ``max_tokens``), on their bases.
-    Each module builds its own in a module-scoped ``adapters`` fixture."""
+    The ``adapters`` fixture (``conftest.py``) builds them once for every serving test."""
     root = tmp_path_factory.mktemp("serve")
     return {
         "plain": save_tiny_adapter(root, "plain", end_scale=2.0),

@@ -5,7 +5,6 @@ out-of-range or unsupported request gets a clear OpenAI-shaped 4xx while the ser
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import openai
@@ -14,12 +13,7 @@ import pytest
 from loramoe.serve.config import ServeConfig
 from loramoe.serve.protocol import MAX_STOP_CHARS
 
-from serve_helpers import USER, chat, make_adapters, running
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import USER, chat, running
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from pathlib import Path
 
 import httpx
-import pytest
 
 from loramoe.inference.encoding import encode_chat
 from loramoe.inference.loop import Request, RequestFailed, TokenLoop
 from loramoe.inference.sampling import Sampling
 from loramoe.models.trained import load_trained
 
-from serve_helpers import PROMPTS, make_adapters, running
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import PROMPTS, running
 
 
 def _nested(depth: int) -> list:

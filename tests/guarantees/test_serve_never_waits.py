@@ -7,19 +7,13 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from loramoe.cli import main
 
-from serve_helpers import USER, Gate, chat, make_adapters, running
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import USER, Gate, chat, running
 
 
 def _connect(url: str) -> socket.socket:

@@ -18,12 +18,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import USER, Gate, chat, make_adapters, running
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import USER, Gate, chat, running
 
 
 def test_overload_gets_429_and_no_request_is_lost(adapters):

@@ -8,19 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from loramoe.cli import main
 
-from serve_helpers import PROMPTS, USER, chat, make_adapters, running, save_tiny_adapter
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import PROMPTS, USER, chat, running, save_tiny_adapter
 
 
 @pytest.fixture(scope="module")

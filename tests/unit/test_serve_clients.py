@@ -5,19 +5,13 @@ the unstreamed answer, and the raw server-sent event format of a streamed comple
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 
 from loramoe.inference.encoding import encode_chat, encode_prompt
 
-from serve_helpers import make_adapters, running, sse_events
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
+from serve_helpers import running, sse_events
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ Shared setup: ``serve_helpers.py``."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from loramoe import LoRAMoEConfig, inject
@@ -15,13 +13,8 @@ from loramoe.inference.sampling import Sampling
 from loramoe.inference.text import TextStream
 from loramoe.models.trained import load_trained
 
-from serve_helpers import PROMPTS, make_adapters
+from serve_helpers import PROMPTS
 from tiny import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    return make_adapters(tmp_path_factory)
 
 
 class _CharTokenizer:
