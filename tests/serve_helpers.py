@@ -122,10 +122,20 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(adapter: Path | None, base: str | None = None, quantization: str | None = None, **settings):
+def running(
+    adapter: Path | None,
+    base: str | None = None,
+    quantization: str | None = None,
+    send_buffer: int | None = None,
+    **settings,
+):
+    """A server with ``settings`` (``ServeConfig``'s); ``send_buffer`` sets the kernel's send buffer of each
+    connection it accepts (the listening socket's, which they inherit), so a test can fill it with little data."""
     model, tokenizer = load_trained(adapter, base=base, quantization=quantization)
-    config = ServeConfig(model_name="tiny", **{"batch_wait_ms": 100.0, **settings})
+    config = ServeConfig(**{"model_name": "tiny", "batch_wait_ms": 100.0, **settings})
     sock = socket.socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     server = Running(build_app(model, tokenizer, config), sock)
     server.thread.start()

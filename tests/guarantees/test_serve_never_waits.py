@@ -1,9 +1,10 @@
 """``loramoe serve`` never waits forever: a plain request whose client hangs up leaves its batch, slow headers and
-slow bodies time out, idle sockets cannot starve ``/health``, every flag is checked before the model loads, and a
+slow bodies time out, a stream whose client stops reading is given up, idle sockets cannot starve ``/health``, every flag is checked before the model loads, and a
 dead decoding thread fails ``/health`` and every request at once. Shared setup: ``serve_helpers.py``."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import pytest
 
 from loramoe.cli import main
 
-from serve_helpers import USER, Gate, chat, running
+from serve_helpers import USER, Gate, chat, running, save_tiny_adapter
 
 
 def _connect(url: str) -> socket.socket:
@@ -76,6 +77,37 @@ def test_slow_headers_and_slow_bodies_time_out(adapters):
         assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_a_stream_whose_client_stops_reading_is_given_up_after_the_write_timeout(tmp_path):
+    # Greedy answers run to max_tokens, one printable character a token: one event a token, which the longest model
+    # name makes about 470 bytes. With both kernel buffers this small, about 72 KB (asyncio's 64 KiB above them)
+    # fill what lies between the stream and the client, some 160 tokens, well before max_tokens; with the kernel's
+    # own buffers (autotuned up to 4 MB on loopback) it would take megabytes.
+    adapter = save_tiny_adapter(tmp_path, "long", end_scale=0.0, readable=True, positions=2048)
+    name, max_tokens = "x" * 256, 2000
+    settings = dict(model_name=name, max_batch_size=1, max_tokens=max_tokens, write_timeout=0.5)
+    with running(adapter, send_buffer=4096, **settings) as server:
+        batcher = server.state.batcher
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sets the window
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        body = {"model": name, "messages": USER, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        content = json.dumps(body).encode()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(content), content)
+        )
+        assert batcher.wait_for(lambda b: b.running == 1, 30)  # it is decoding; the client never reads
+        # The server closes the connection and gives up the job, which leaves the batch unanswered (abandoned
+        # counts only those: a job that ran to max_tokens would not count).
+        assert batcher.wait_for(lambda b: b.abandoned == 1 and b.running == 0, 30), batcher.steps
+        assert batcher.steps < max_tokens
+        _closed_within(sock, 5)
+        health = httpx.get(server.url + "/health").json()
+        assert health["abandoned"] == 1 and health["running"] == 0
+        ok = chat(server.url, {"model": name, "messages": USER, "max_tokens": 2})
+        assert ok.status_code == 200
+
+
 def test_idle_sockets_do_not_starve_health(adapters):
     """Three times ``max_connections`` sockets that never finish a request: each new connection closes the one
     that waited longest, so the health probe, which sends its request at once, is answered."""
@@ -119,6 +151,7 @@ BAD_FLAGS = {
     "a host name with spaces": (["--host", "no such host"], "host 'no such host': not an address"),
     "an endless timeout": (["--timeout", "inf"], "--timeout must be a number in (0, 86400]"),
     "no read timeout": (["--read-timeout", "0"], "--read-timeout must be a number in [0.1, 3600]"),
+    "no write timeout": (["--write-timeout", "0"], "--write-timeout must be a number in [0.1, 3600]"),
     "a body limit no request fits in": (
         ["--max-body-bytes", "10"],
         "--max-body-bytes must be an integer in 1024..",

@@ -37,6 +37,8 @@ class ServeConfig:
         timeout: seconds a request may take, waiting and decoding; beyond it the client gets 504.
         read_timeout: seconds a client has to send a request's headers (then the connection is closed), and
             again its body (then it gets 408).
+        write_timeout: seconds a response may wait for its client to read it (the connection's send buffers full);
+            then the connection is closed and its request given up, as when the client hangs up.
         max_connections: most open connections; a new one beyond it closes the one that has waited longest for
             its client to send a request, or is refused with 503 when every connection has a request in hand.
         api_key: the key clients must send as ``Authorization: Bearer KEY`` (printable ASCII, no spaces);
@@ -54,6 +56,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     timeout: float = 300.0
     read_timeout: float = 30.0
+    write_timeout: float = 30.0
     max_connections: int = 200
     api_key: str = ""
 
@@ -75,6 +78,7 @@ class ServeConfig:
                 "batch_wait_ms": number(0, 60_000),
                 "timeout": number(0, 86_400, low_open=True),
                 "read_timeout": number(0.1, 3_600),  # below it, a client on another machine hardly makes it
+                "write_timeout": number(0.1, 3_600),
                 "max_connections": _between(1, 10**6),
             },
         )

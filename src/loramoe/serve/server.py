@@ -9,6 +9,10 @@ Design decisions:
   at the first byte), so a client sending one byte now and then held its connection forever. The same timeout
   closes a connection still sending a body the server has already answered (a 401, a 413); the body of a request
   being read has its own (``reading``).
+- A response waits at most ``write_timeout`` seconds for its client to read it: a client that keeps its connection
+  open but stops reading fills the send buffers, and the transport pauses writing (asyncio's 64 KiB above the
+  kernel's buffers); if it has not resumed by then, the connection is aborted (not closed: closing waits for the
+  unsent bytes forever), which the app sees as a hang-up, so a stream gives up its request and its batch slot.
 - At most ``max_connections`` connections are open. A new one beyond the limit closes the open connection that has
   waited longest for its client to send a request (headers or body), so idle or slow sockets cannot starve a client
   that sends its request at once, such as a health probe; when every connection has a request in hand, the new one
@@ -51,14 +55,16 @@ _BUSY = (
 
 
 class _LimitedH11(H11Protocol):
-    """uvicorn's h11 protocol with a header timeout and a connection limit (set by ``protocol_class``)."""
+    """uvicorn's h11 protocol with header and write timeouts and a connection limit (set by ``protocol_class``)."""
 
     read_timeout: float
+    write_timeout: float
     max_connections: int
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._timer: Any = None
+        self._stall: Any = None  # the write timeout, while writing is paused
         self._refused = False
         self._wait()
         self._make_room()
@@ -68,9 +74,28 @@ class _LimitedH11(H11Protocol):
             super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._stall):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        logger.info(
+            "closing a connection whose client has not read its response for %g s", self.write_timeout
+        )
+        self.transport.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -124,8 +149,9 @@ class _LimitedH11(H11Protocol):
 
 
 def protocol_class(config: ServeConfig) -> type[H11Protocol]:
-    """The HTTP protocol with ``config``'s ``read_timeout`` and ``max_connections``."""
+    """The HTTP protocol with ``config``'s ``read_timeout``, ``write_timeout`` and ``max_connections``."""
     return type("LimitedH11", (_LimitedH11,), {"read_timeout": config.read_timeout,
+                                                "write_timeout": config.write_timeout,
                                                 "max_connections": config.max_connections})  # fmt: skip
 
 
