@@ -54,12 +54,17 @@ def sft_config(out: Path, **overrides) -> SFTConfig:
     return SFTConfig(**{**settings, **overrides})
 
 
-def sft_trainer(out: Path, model=None, records=RECORDS * 2, **overrides) -> LoRAMoESFTTrainer:
+def sft_trainer(
+    out: Path, model=None, records=RECORDS * 2, special_tokens_in_text="warn", **overrides
+) -> LoRAMoESFTTrainer:
     return LoRAMoESFTTrainer(
         model=model if model is not None else adapted(),
         args=sft_config(out, **overrides),
-        train_dataset=datasets.Dataset.from_list(records),
+        train_dataset=records
+        if isinstance(records, datasets.IterableDataset)
+        else datasets.Dataset.from_list(records),
         processing_class=tiny_tokenizer(),
+        special_tokens_in_text=special_tokens_in_text,
     )
 
 
@@ -116,6 +121,78 @@ def test_sft_refuses_what_would_lose_the_task_types(tmp_path):
     trainer = sft_trainer(tmp_path, records=[{**r, "task_type": "poetry"} for r in RECORDS])
     with pytest.raises(DataError, match="unknown task type 'poetry'"):
         next(iter(trainer.get_train_dataloader()))
+
+
+QUOTED = {
+    "prompt": "How does ChatML end a turn? ",
+    "completion": "With <|im_end|> after it.",
+    "task_type": "downstream",
+}
+
+
+def test_sft_counts_and_warns_about_special_tokens_written_as_text(tmp_path, caplog):
+    """``<|im_end|>`` quoted in a completion is tokenised by TRL as the end-of-turn token: the rows are counted per
+    dataset and a warning names the first, as the dataset indexes it; the row is still trained as TRL reads it."""
+    caplog.set_level("WARNING", logger="loramoe.data")
+    chat = [
+        {"role": "user", "content": "Quote the end."},
+        {"role": "assistant", "content": "It is <|im_end|>."},
+    ]
+    trainer = LoRAMoESFTTrainer(
+        model=adapted(),
+        args=sft_config(tmp_path),
+        train_dataset=datasets.Dataset.from_list([RECORDS[0], QUOTED, *RECORDS[1:]]),
+        eval_dataset={"chat": datasets.Dataset.from_list([{"messages": chat, "task_type": "knowledge"}] * 2)},
+        processing_class=tiny_tokenizer(),
+    )
+    assert trainer.special_token_rows == {"train_dataset": 1, "eval_dataset['chat']": 2}
+    warned = [r.getMessage() for r in caplog.records if "special token" in r.getMessage()]
+    assert len(warned) == 2
+    assert "1 rows of train_dataset hold a special token" in warned[0]
+    assert "the first: train_dataset[1]['completion'] '<|im_end|>'" in warned[0]
+    assert "the first: eval_dataset['chat'][0]['messages'][1]['content'] '<|im_end|>'" in warned[1]
+    eos = tiny_tokenizer().eos_token_id
+    assert trainer.train_dataset[1]["input_ids"].count(eos) == 2  # the quoted one and the real end
+
+
+def test_sft_refuses_a_special_token_written_as_text_naming_the_row(tmp_path):
+    records = [RECORDS[0], QUOTED, *RECORDS[1:]]
+    with pytest.raises(DataError) as refused:
+        sft_trainer(tmp_path, records=records, special_tokens_in_text="refuse")
+    assert str(refused.value).startswith(
+        "train_dataset[1]['completion'] holds '<|im_end|>', a special token of the tokenizer, written as text"
+    )
+    assert "special_tokens_in_text='allow'" in str(refused.value)
+    with pytest.raises(ConfigError, match="special_tokens_in_text must be one of"):
+        sft_trainer(tmp_path, special_tokens_in_text="ignore")
+
+
+def test_sft_checks_a_streamed_dataset_as_its_rows_are_read(tmp_path, caplog):
+    """A streamed dataset is not read ahead: its rows are checked as training reads them; the warning is given
+    once, naming the first row."""
+    caplog.set_level("WARNING", logger="loramoe.data")
+    streamed = datasets.Dataset.from_list([RECORDS[0], QUOTED, *RECORDS[1:], QUOTED]).to_iterable_dataset()
+    trainer = sft_trainer(tmp_path, records=streamed)
+    next(iter(trainer.get_train_dataloader()))
+    warned = [r.getMessage() for r in caplog.records if "special token" in r.getMessage()]
+    assert len(warned) == 1 and "rows of the streamed train_dataset hold a special token" in warned[0]
+    assert "the first: train_dataset[1]['completion'] '<|im_end|>'" in warned[0]
+    assert trainer.special_token_rows == {}  # no count: the stream is not read whole
+
+    refusing = sft_trainer(tmp_path, records=streamed, special_tokens_in_text="refuse")
+    with pytest.raises(DataError, match=r"^train_dataset\[1\]\['completion'\] holds '<\|im_end\|>'"):
+        next(iter(refusing.get_train_dataloader()))
+
+
+def test_sft_allows_special_tokens_written_as_text_silently(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="loramoe.data")
+    trainer = sft_trainer(
+        tmp_path, records=[RECORDS[0], QUOTED, *RECORDS[1:]], special_tokens_in_text="allow"
+    )
+    assert trainer.special_token_rows == {"train_dataset": 1}  # counted, not warned
+    assert not any("special token" in r.getMessage() for r in caplog.records)
+    quiet = sft_trainer(tmp_path, records=RECORDS)
+    assert quiet.special_token_rows == {"train_dataset": 0}
 
 
 def readme_example() -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import torch
 from loramoe.config import BINARY_TASK_NAMES
 from loramoe.data.formats import Example, check_task_names, resolve_task_type, valid_task_types
 from loramoe.data.sources import TEMPLATES, DataConfig, load_source, mix_examples
+from loramoe.data.special_tokens import first_special_token, refusal, special_tokens_pattern, warning
 from loramoe.errors import DataError
 from loramoe.validation import check_value, integer, is_int, optional, require
 
@@ -44,6 +44,7 @@ logger = logging.getLogger("loramoe.data")
 IGNORE_INDEX = -100
 # More characters than any token of real text covers: bounds the text tokenised per record.
 CHARS_PER_TOKEN = 32
+_SETTING = "set data.special_tokens_in_text: {}"  # how a run changes what special tokens in its text do
 
 
 class ExampleEncoder:
@@ -67,7 +68,7 @@ class ExampleEncoder:
         # plain template: BOS only where the tokenizer adds it itself (as the reference's Llama tokenizer did)
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.add_bos = self.template == "plain" and self.bos is not None and probe[:1] == [self.bos]
-        self._specials = _special_tokens_pattern(tokenizer)
+        self._specials = special_tokens_pattern(tokenizer)
 
     def special_token_in(self, example: Example) -> tuple[str, str] | None:
         """The first special token of the tokenizer written as text in what ``encode`` tokenises of ``example``,
@@ -78,11 +79,9 @@ class ExampleEncoder:
         prompts = (
             [m["content"] for m in example.chat_messages()] if self.template == "chat" else [example.prompt]
         )
-        for where, texts in (("answer", [example.answer]), ("prompt", prompts)):
-            found = next((m for m in map(self._specials.search, texts) if m), None)
-            if found:
-                return found.group(0), where
-        return None
+        return first_special_token(
+            self._specials, [("answer", example.answer), *(("prompt", p) for p in prompts)]
+        )
 
     def prompt_ids(self, example: Example) -> list[int]:
         """The prompt's tokens, ending where the answer starts (the chat template's generation prompt)."""
@@ -149,15 +148,6 @@ class ExampleEncoder:
         return dataclasses.replace(
             example, prompt=example.prompt[-chars:], answer=example.answer[:chars], messages=messages
         ), answer_cut
-
-
-def _special_tokens_pattern(tokenizer: Any) -> re.Pattern | None:
-    """A pattern matching any special token of ``tokenizer`` (its named ones and added tokens marked special)."""
-    tokens = set(getattr(tokenizer, "all_special_tokens", None) or ())
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    tokens |= {str(t) for t in added.values() if getattr(t, "special", False)}
-    tokens = sorted((t for t in tokens if t), key=len, reverse=True)  # the longest first: "<s>" inside "<s>x"
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 class DataCollatorForLoRAMoE:
@@ -294,12 +284,8 @@ def build_dataset(
         logger.warning("data: %d prompts cut from the left, %d answers cut from the right (max_length=%d)",
                        stats.prompt_truncated, stats.answer_truncated, data_cfg.max_length)  # fmt: skip
     if stats.special_token_samples and data_cfg.special_tokens_in_text == "warn":
-        logger.warning(
-            "data: %d samples hold a special token of the tokenizer written as text (the first: %s); each is "
-            "trained as that token, not as its characters. Edit the text, or set data.special_tokens_in_text: "
-            "refuse to stop at such records, or allow to train them as they are without this warning",
-            stats.special_token_samples, stats.special_token_first,
-        )  # fmt: skip
+        message = warning(f"{stats.special_token_samples} samples", stats.special_token_first, _SETTING)
+        logger.warning("data: %s", message)
     missing = [name for name, n in stats.per_task.items() if n == 0]
     if missing:
         logger.warning("data: no training examples of task type(s) %s for the balancing constraint", missing)
@@ -314,12 +300,7 @@ def _check_special_tokens(encoder: ExampleEncoder, example: Example, stats: Data
         return
     token, where = found
     if mode == "refuse":
-        raise DataError(
-            f"the {where} holds {token!r}, a special token of the tokenizer, written as text; it would be trained "
-            "as that token. Edit the text, or set data.special_tokens_in_text: allow (or warn) to train it so",
-            path=example.source,
-            line=example.line,
-        )
+        raise DataError(refusal(f"the {where}", token, _SETTING), path=example.source, line=example.line)
     stats.special_token_samples += 1
     if stats.special_token_first is None:
         at = f"{example.source}:{example.line}" if example.line is not None else example.source
