@@ -15,7 +15,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import model_bench, run  # noqa: E402
+from benchmarks import model_bench, run, stop_scan_bench  # noqa: E402
 from benchmarks.reference import (  # noqa: E402
     DenseTopKLinear,
     ExpertLoopLinear,
@@ -158,3 +158,9 @@ def test_serve_vs_transformers_smoke_on_a_tiny_model(tmp_path):
         assert all(r["ttft_p50_s"] <= r["latency_p50_s"] for r in loads.values())
     assert servers["transformers-cb"]["concurrent"]["tokens_per_s_vs_transformers_cb"] == 1.0
     assert all(r["server_cpu_s"] >= 0 for loads in servers.values() for r in loads.values())
+
+
+def test_stop_scan_bench_smoke():
+    results = stop_scan_bench.main(["--tiny"])
+    assert set(results["us_per_step"]) == set(stop_scan_bench.cases(16, 100))
+    assert all(v["previous"] >= 0 and v["current"] >= 0 for v in results["us_per_step"].values())
