@@ -71,7 +71,9 @@ def seed_table(res: dict[str, dict], rows: list[dict]) -> list[str]:
     pairs = [(by_name[r["name"].removesuffix("_s2")], r) for r in rows
              if r["name"].endswith("_s2") and r["name"].removesuffix("_s2") in by_name]  # fmt: skip
     if not pairs:
-        return ["Second seeds: none finished yet (queued after the pressure setting's comparison)."]
+        return [
+            "Second seeds: none finished yet (next in the queue: LoRA and LoRAMoE + LBC at the narrow mixture)."
+        ]
     lines = [
         "Second seed beside the first (training seed 43 against 42: a different initialisation of the adapters, "
         "order of the samples and dropout; the same data sets, evaluation items and knowledge-only reference "
