@@ -3,7 +3,7 @@ stop strings ``loramoe serve`` accepts (4 of 256 characters): ``python benchmark
 
 Each decoding step of every stream in a batch runs this search on the thread that decodes the batch. Cases: text
 ending in a character that no stop string holds (the usual step), text whose end begins every stop string, and
-the worst case of the current search, where every prefix length ends in the text's last character. The previous
+the worst case, where every prefix length ends in the text's last character. The previous
 search (a slice of the stop string for every length tried) is timed beside the current one. Prints one JSON object:
 microseconds per step, the median of interleaved rounds (``benchmarks.timing``).
 """

@@ -10,7 +10,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,6 @@ class TextStream:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self._prefixes = tuple(map(_stop_prefixes, self.stop))
         self.text = ""
         self.stopped = False  # a stop string was found
 
@@ -56,46 +54,21 @@ class TextStream:
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest end of ``text`` that begins some stop string (it may complete it later).
 
-        Only the prefixes of a stop string that end in the text's last character can end the text, so only those
-        are compared, the longest first, each built once per stop string (``_stop_prefixes``): a step costs a
-        look-up per stop string and a comparison per such prefix, and builds no slices (for stop strings up to
-        ``PREFIXES_KEPT_UP_TO`` characters).
+        Only a prefix of a stop string that ends in the text's last character can end the text, so ``rfind`` jumps
+        from one such prefix length to the next shorter one: usually one search per stop string and no slice.
         """
         if not text:
             return 0
         longest, last = 0, text[-1]
-        for prefixes, ending_in in self._prefixes:
-            for k in ending_in.get(last, ()):
-                if k <= longest:
-                    break
-                if text.endswith(prefixes[k]):
+        for s in self.stop:
+            k = min(len(s) - 1, len(text))
+            while k > longest:
+                if s[k - 1] != last:
+                    k = s.rfind(last, 0, k) + 1  # the longest prefix shorter than k that ends in ``last``
+                    if k <= longest:
+                        break
+                if text.endswith(s[:k]):
                     longest = k
                     break
+                k -= 1
         return longest
-
-
-# Stop strings up to this long keep all their prefixes (about 32k characters at 256, the server's limit); a longer
-# one, which only the library and the command line accept, slices the prefixes it compares.
-PREFIXES_KEPT_UP_TO = 256
-
-
-class _Prefixes:
-    """``stop[:k]`` at index k, sliced when asked."""
-
-    def __init__(self, stop: str):
-        self.stop = stop
-
-    def __getitem__(self, k: int) -> str:
-        return self.stop[:k]
-
-
-@functools.lru_cache(maxsize=64)
-def _stop_prefixes(stop: str) -> tuple[Sequence[str] | _Prefixes, dict[str, tuple[int, ...]]]:
-    """The proper prefixes of ``stop`` by length, and a character -> the lengths of those that end in it, longest
-    first; shared by the streams with this stop string."""
-    ends: dict[str, list[int]] = {}
-    for k in range(len(stop) - 1, 0, -1):
-        ends.setdefault(stop[k - 1], []).append(k)
-    keep = len(stop) <= PREFIXES_KEPT_UP_TO
-    prefixes = tuple(stop[:k] for k in range(len(stop))) if keep else _Prefixes(stop)
-    return prefixes, {char: tuple(ks) for char, ks in ends.items()}

@@ -27,9 +27,8 @@ from loramoe.inference.sampling import SEED_RANGE, Sampling, float32_positive, s
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # Longest stop string, in characters. Every decoding step looks for each stop string in the text and for the end of
 # the text that begins one (``inference.text.TextStream``), at a cost that grows with the stop string's length, on
-# the thread that decodes the whole batch; the streams keep every prefix of a stop string up to 256 characters
-# (``inference.text.PREFIXES_KEPT_UP_TO``). Stop strings are markers ("\nUser:", "</answer>"); 256 characters holds
-# any of them and keeps the search for four under 0.1 ms a step at worst, under 1 us usually
+# the thread that decodes the whole batch. Stop strings are markers ("\nUser:", "</answer>"); 256 characters holds
+# any of them and bounds the search for four to about 0.2 ms a step at worst, 1-2 us usually
 # (``benchmarks/stop_scan_bench.py``).
 MAX_STOP_CHARS = 256
 # OpenAI parameters this server does not implement; refused unless absent or null.
