@@ -1,5 +1,6 @@
 """``loramoe serve`` never waits forever: a plain request whose client hangs up leaves its batch, slow headers and
-slow bodies time out, a stream whose client stops reading is given up, idle sockets cannot starve ``/health``, every flag is checked before the model loads, and a
+slow bodies time out, a stream whose client stops reading is given up, so is an idle connection with responses
+unread, idle sockets cannot starve ``/health``, every flag is checked before the model loads, and a
 dead decoding thread fails ``/health`` and every request at once. Shared setup: ``serve_helpers.py``."""
 
 from __future__ import annotations
@@ -106,6 +107,26 @@ def test_a_stream_whose_client_stops_reading_is_given_up_after_the_write_timeout
         assert health["abandoned"] == 1 and health["running"] == 0
         ok = chat(server.url, {"model": name, "messages": USER, "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_an_idle_connection_closed_with_responses_unread_is_aborted_after_the_write_timeout(adapters):
+    # Pipelined requests whose responses the client never reads, about 40 KB: more than both kernel buffers hold at
+    # 4096 bytes, less than asyncio's 64 KiB high-water mark, so writing never pauses and only the idle timeout
+    # closes the connection; closing waits for unsent bytes, which this client never takes.
+    with running(adapters["plain"], send_buffer=4096, read_timeout=0.5, write_timeout=0.5) as server:
+        connections = server.server.server_state.connections
+        one = httpx.get(server.url + "/health")
+        size = len(one.content) + sum(len(k) + len(v) + 4 for k, v in one.headers.raw) + 20
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * (40_000 // size))
+        deadline = time.monotonic() + 10
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not connections  # read_timeout, then write_timeout: about 1 s
+        assert httpx.get(server.url + "/health").status_code == 200
+        sock.close()
 
 
 def test_idle_sockets_do_not_starve_health(adapters):

@@ -12,7 +12,9 @@ Design decisions:
 - A response waits at most ``write_timeout`` seconds for its client to read it: a client that keeps its connection
   open but stops reading fills the send buffers, and the transport pauses writing (asyncio's 64 KiB above the
   kernel's buffers); if it has not resumed by then, the connection is aborted (not closed: closing waits for the
-  unsent bytes forever), which the app sees as a hang-up, so a stream gives up its request and its batch slot.
+  unsent bytes forever), which the app sees as a hang-up, so a stream gives up its request and its batch slot. A
+  connection the server closes itself (an idle one, one making room, a refused one) gets the same ``write_timeout``
+  for whatever its client has not read yet, however little.
 - At most ``max_connections`` connections are open. A new one beyond the limit closes the open connection that has
   waited longest for its client to send a request (headers or body), so idle or slow sockets cannot starve a client
   that sends its request at once, such as a health probe; when every connection has a request in hand, the new one
@@ -118,7 +120,7 @@ class _LimitedH11(H11Protocol):
         answered = self.cycle is not None and self.cycle.response_complete
         if self.conn.their_state is h11.IDLE or (self.conn.their_state is h11.SEND_BODY and answered):
             logger.info("closing a connection whose client sent no request in %g s", self.read_timeout)
-            self.transport.close()
+            self._close()
 
     def _make_room(self) -> None:
         others = [c for c in self.connections if c is not self and not c.transport.is_closing()]
@@ -130,7 +132,7 @@ class _LimitedH11(H11Protocol):
             logger.info(
                 "%d connections open: closing the one that waited longest for its request", len(others)
             )
-            oldest.transport.close()
+            oldest._close()
         else:
             logger.warning(
                 "%d connections open, each with a request in hand: refusing a new one", len(others)
@@ -145,7 +147,15 @@ class _LimitedH11(H11Protocol):
         self.transport.write_eof()
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(self.read_timeout, self.transport.close)
+        self._timer = self.loop.call_later(self.read_timeout, self._close)
+
+    def _close(self) -> None:
+        """Close once the unsent bytes are sent. A client that does not take them within ``write_timeout`` is aborted:
+        a closing transport waits for its buffer to empty, and below asyncio's high-water mark nothing else would
+        ever time that wait out, so a client that never reads would hold the socket for good."""
+        self.transport.close()
+        if self.transport.get_write_buffer_size() and self._stall is None:
+            self._stall = self.loop.call_later(self.write_timeout, self._stalled)
 
 
 def protocol_class(config: ServeConfig) -> type[H11Protocol]:
