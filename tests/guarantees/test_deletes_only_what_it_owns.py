@@ -155,6 +155,29 @@ def test_an_edited_checkpoint_is_never_deleted(root, tmp_path, caplog):
     assert latest_good_checkpoint(out) == str(out / "checkpoint-9")  # written again
 
 
+def test_a_finished_checkpoint_whose_completion_marker_was_deleted_is_set_aside_not_removed(
+    root, tmp_path, caplog
+):
+    """Only a folder still holding the saving marker it was created with is an interrupted save, which a resume
+    removes; a finished checkpoint that lost its completion marker afterwards looks the same otherwise, and is
+    kept whole under another name."""
+    from loramoe.training.completion import COMPLETE_MARKER, SAVING_MARKER
+
+    out = tmp_path / "run"
+    owned_run(root, out, max_steps=6)
+    assert not list(out.glob(f"checkpoint-*/{SAVING_MARKER}"))  # gone once each save finished
+    (out / "checkpoint-6" / COMPLETE_MARKER).unlink()
+    before = tree(out / "checkpoint-6")
+    with caplog.at_level("INFO", logger="loramoe.train"):
+        assert latest_good_checkpoint(out) == str(out / "checkpoint-3")
+        train(RunConfig.from_dict(config(root, out, max_steps=6)), resume=True)
+    aside = out / "checkpoint-6.failed-verification"
+    assert tree(aside) == before
+    assert f"no {COMPLETE_MARKER}, though its save was not interrupted" in caplog.text
+    assert f"resuming from {out / 'checkpoint-3'}" in caplog.text and "removing" not in caplog.text
+    assert latest_good_checkpoint(out) == str(out / "checkpoint-6")  # written again
+
+
 class Killed(BaseException):
     """Stands for SIGKILL at one chosen moment: nothing after it runs, no handler catches it."""
 
@@ -246,6 +269,7 @@ ALLOWED_DELETIONS = {
     ("checkpoints.py", "_sweep_leftovers"),  # its own hidden folders a kill left, named by its run id
     ("checkpoints.py", "claim_output_dir"),  # the probe file it just wrote
     ("files.py", "atomic_path"),  # its own temporary file, when a write fails
+    ("completion.py", "mark_complete"),  # a checkpoint's saving marker, once the checkpoint is complete
 }
 
 

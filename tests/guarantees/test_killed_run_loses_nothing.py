@@ -131,13 +131,16 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_b
 
 def test_torn_checkpoints_are_skipped_and_the_previous_good_one_is_used(workspace, tmp_path, caplog):
     from loramoe.training.checkpoints import latest_good_checkpoint
-    from loramoe.training.completion import COMPLETE_MARKER
+    from loramoe.training.completion import COMPLETE_MARKER, SAVING_MARKER
 
     out = tmp_path / "run"
     train(RunConfig.from_dict(_run_config(workspace, out, max_steps=9)))
     assert _checkpoint_steps(out) == [3, 6, 9]
     assert latest_good_checkpoint(out) == str(out / "checkpoint-9")
-    (out / "checkpoint-9" / COMPLETE_MARKER).unlink()  # killed before the marker
+    (
+        out / "checkpoint-9" / COMPLETE_MARKER
+    ).unlink()  # killed before the marker: the saving marker is still there
+    (out / "checkpoint-9" / SAVING_MARKER).touch()
     weights = out / "checkpoint-6" / "adapter_model.safetensors"  # torn after the marker
     weights.write_bytes(weights.read_bytes()[:100])
     with caplog.at_level("WARNING", logger="loramoe.train"):

@@ -18,9 +18,10 @@ checks that proof right before it removes anything, so a folder loramoe cannot p
 Completion. A checkpoint counts only once ``loramoe_complete.json``, holding the run id and the sha256 of every
 file in the folder, has been written (atomically) after the Trainer finished the folder. A resume takes the newest
 checkpoint of this run whose marker verifies and says which ones it skipped and why. Those without a completion
-marker are saves a kill interrupted: the resumed run removes them (they are its own) to write the same steps again.
-Those whose marker no longer verifies were complete and have been changed since: they are never removed, only set
-aside as ``checkpoint-N.failed-verification`` so that nothing is lost and the user can look at them.
+marker and still holding the saving marker the folder was created with are saves a kill interrupted: the resumed
+run removes them (they are its own) to write the same steps again. Every other one that does not verify was
+complete (its marker no longer verifies, or was deleted) or cannot be vouched for: it is never removed, only set
+aside as ``checkpoint-N.failed-verification`` so that nothing is lost and the user can look at it.
 
 Rotation (``save_total_limit``) is done here, not by transformers: only after the new checkpoint's marker verifies,
 and only among this run's complete checkpoints, so a kill at any moment leaves at least the last good one.
@@ -48,8 +49,10 @@ from loramoe.files import (
 )
 from loramoe.training.completion import (
     COMPLETE_MARKER,
+    SAVING_MARKER,
     checkpoint_is_complete,
     is_real,
+    save_interrupted,
     verification_problem,
 )
 
@@ -245,6 +248,7 @@ def begin_checkpoint(folder: Path, run_id: str) -> None:
     new = folder.parent / f".{folder.name}.new-{run_id}"
     new.mkdir()
     atomic_write_text(new / OWNER_MARKER, json.dumps({"run_id": run_id}) + "\n")
+    (new / SAVING_MARKER).touch()
     os.rename(new, folder)
     fsync_dir(folder.parent)
 
@@ -268,8 +272,8 @@ def latest_good_checkpoint(
 
 def remove_torn_checkpoints(output_dir: str | os.PathLike, keep: str | None, run_id: str) -> None:
     """Clear this run's checkpoints newer than ``keep`` (all of them when None), which the resumed run writes
-    again: remove the unfinished ones (no completion marker: a save a kill interrupted), set aside the ones that
-    were complete and no longer verify (``_clear_owned``)."""
+    again: remove the unfinished ones (a save a kill interrupted), set aside the ones that were complete and no
+    longer verify (``_clear_owned``)."""
     _sweep_leftovers(Path(output_dir), run_id)
     for folder in list_checkpoints(output_dir):
         if keep is not None and folder == Path(keep):
@@ -278,11 +282,12 @@ def remove_torn_checkpoints(output_dir: str | os.PathLike, keep: str | None, run
 
 
 def _clear_owned(folder: Path, run_id: str, why: str) -> None:
-    """Make way for this run's new checkpoint at ``folder``'s step. A folder without a completion marker is a save
-    of this run that a kill interrupted, and is removed. One with a completion marker was finished: whatever has
-    happened to it since (a file edited, truncated or replaced), it is never removed, only renamed aside under a
-    name that says why, with a warning naming it."""
-    if not (folder / COMPLETE_MARKER).exists():
+    """Make way for this run's new checkpoint at ``folder``'s step. A folder without a completion marker that still
+    holds its saving marker is a save of this run that a kill interrupted, and is removed. Any other was finished
+    (or loramoe cannot tell): whatever has happened to it since (a file edited, truncated or replaced, its
+    completion marker deleted), it is never removed, only renamed aside under a name that says why, with a warning
+    naming it."""
+    if not os.path.lexists(folder / COMPLETE_MARKER) and save_interrupted(folder):
         _remove_owned(folder, run_id, f"an unfinished save, {why}")
         return
     problem = verification_problem(folder) or "complete, but the run writes this step again"

@@ -15,6 +15,9 @@ from loramoe.errors import ConfigError, LoRAMoEError
 from loramoe.files import MAX_JSON_BYTES, atomic_write_text, not_regular, read_json, sha256_file
 
 COMPLETE_MARKER = "loramoe_complete.json"
+# In a checkpoint folder from its creation until its completion marker is written: the sign that a folder without a
+# completion marker is a save a kill interrupted, not a finished checkpoint whose marker was deleted since.
+SAVING_MARKER = ".loramoe_saving"
 
 
 def is_real(path: Path, kind=stat.S_ISDIR) -> bool:
@@ -26,14 +29,22 @@ def is_real(path: Path, kind=stat.S_ISDIR) -> bool:
 
 
 def mark_complete(folder: Path, run_id: str | None = None) -> None:
-    """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last."""
+    """Write the completion marker: the checksum of every file in ``folder`` (and the run id), atomically, last;
+    then drop the saving marker, which a marker that verifies makes moot."""
     files = {
         p.name: _digest(p)
         for p in sorted(folder.iterdir())
-        if is_real(p, stat.S_ISREG) and p.name != COMPLETE_MARKER
+        if is_real(p, stat.S_ISREG) and p.name not in (COMPLETE_MARKER, SAVING_MARKER)
     }
     body = {"files": files, **({"run_id": run_id} if run_id else {})}
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps(body, indent=1, sort_keys=True))
+    (folder / SAVING_MARKER).unlink(missing_ok=True)
+
+
+def save_interrupted(folder: Path) -> bool:
+    """Whether ``folder``, which has no completion marker, is a save a kill interrupted (its saving marker is still
+    there) rather than a finished checkpoint whose completion marker has gone since, or one loramoe cannot vouch for."""
+    return os.path.lexists(folder / SAVING_MARKER)
 
 
 def _digest(path: Path) -> str:
@@ -63,7 +74,9 @@ def verification_problem(folder: Path) -> str | None:
     if not is_real(folder):
         return "a link, not a folder: loramoe never follows one out of the run"
     if not os.path.lexists(marker):
-        return f"no {COMPLETE_MARKER}: its save did not finish"
+        if save_interrupted(folder):
+            return f"no {COMPLETE_MARKER}: its save did not finish"
+        return f"no {COMPLETE_MARKER}, though its save was not interrupted: the marker was removed since"
     try:
         # Only regular files inside the folder are read, never through a link (to /dev/zero, or out of the run).
         linked = sorted(p.name for p in folder.iterdir() if p.is_symlink() or not_regular(p))
