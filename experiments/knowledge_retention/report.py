@@ -240,11 +240,24 @@ def routing_table(res: dict[str, dict]) -> list[str]:
     return lines
 
 
+def train_cpu(rec: dict) -> tuple[float, float]:
+    """A run's measured training CPU seconds, and the estimated seconds of the steps before its resume (a run
+    resumed at step k measured only the steps after it: the earlier process's time ended with it), at the run's
+    own measured rate."""
+    train = rec.get("train") or {}
+    seconds = train.get("seconds") or {}
+    cpu, start, steps = seconds.get("cpu", 0.0), seconds.get("from_step", 0), train.get("steps") or 0
+    return cpu, (cpu / (steps - start) * start if 0 < start < steps else 0.0)
+
+
 def cost_lines(res: dict[str, dict]) -> list[str]:
-    train = sum(((r.get("train") or {}).get("seconds") or {}).get("cpu", 0) for r in res.values())
+    measured, estimated = (sum(t) for t in zip(*(train_cpu(r) for r in res.values()), strict=True))
     ev = sum(r["eval_seconds"]["cpu"] for r in res.values())
-    return [f"Compute so far: {train / 3600:.1f} CPU-hours of training and {ev / 3600:.1f} of evaluation "
-            f"(one torch thread per process; per-item figures in `experiments/knowledge_retention/results/`)."]  # fmt: skip
+    before = (f", {estimated / 3600:.1f} of it estimated for the steps before a resume at the resumed run's rate"
+              if estimated else "")  # fmt: skip
+    return [f"Compute so far: {(measured + estimated) / 3600:.1f} CPU-hours of training{before}, and "
+            f"{ev / 3600:.1f} of evaluation (one torch thread per process; per-item figures in "
+            "`experiments/knowledge_retention/results/`)."]  # fmt: skip
 
 
 def figure(res: dict[str, dict], path: Path) -> None:

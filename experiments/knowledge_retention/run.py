@@ -251,6 +251,8 @@ def do_off(name: str, group: str, sets, out: Path, threads: int) -> dict[str, An
 
 def status(results: Path) -> None:
     """Print the queue: what is done (with its measured CPU minutes) and the estimated CPU minutes of the rest."""
+    from report import train_cpu  # report imports this module
+
     est = json.loads((HERE / "timing.json").read_text(encoding="utf-8"))
     base = results / "base.json"
     if base.exists():  # the measured evaluation cost replaces the estimate
@@ -261,9 +263,11 @@ def status(results: Path) -> None:
         path = results / f"{key}.json"
         if path.exists():
             rec = json.loads(path.read_text(encoding="utf-8"))
-            cpu = rec["eval_seconds"]["cpu"] + ((rec.get("train") or {}).get("seconds") or {}).get("cpu", 0)
+            measured, before = train_cpu(rec)
+            cpu = rec["eval_seconds"]["cpu"] + measured + before
             done_cpu += cpu
-            print(f"done  {key:36s} {cpu / 60:6.0f} CPU-min (measured)")
+            how = f"measured, {before / 60:.0f} of it estimated before a resume" if before else "measured"
+            print(f"done  {key:36s} {cpu / 60:6.0f} CPU-min ({how})")
         else:
             cost = _estimate(item, est)
             left += cost

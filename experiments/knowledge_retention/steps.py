@@ -43,7 +43,8 @@ def train_summary(run_dir: Path, seconds: dict | None) -> dict[str, Any]:
     steps = state.get("global_step")
     keep = ("loss", "lm_loss", "lbc_loss")
     routing = [e for e in logs if any(k.startswith("routing") or "mass" in k for k in e)]
-    per_step = {k: round(v / steps, 2) for k, v in (seconds or {}).items() if k in ("wall", "cpu") and steps}
+    ran = steps - (seconds or {}).get("from_step", 0) if steps else 0  # the steps these seconds cover
+    per_step = {k: round(v / ran, 2) for k, v in (seconds or {}).items() if k in ("wall", "cpu") and ran > 0}
     return {
         "steps": steps,
         "seconds": seconds,
@@ -55,7 +56,10 @@ def train_summary(run_dir: Path, seconds: dict | None) -> dict[str, Any]:
 
 def train_once(name: str, cfg: dict, out: Path, steps: int, threads: int) -> dict | None:
     """Train ``cfg`` into ``out / name`` unless it finished already (continuing from its newest complete
-    checkpoint); returns the wall and CPU seconds of the training (None when it had finished before)."""
+    checkpoint); returns the wall and CPU seconds of the training and the step it started from (``from_step``: a
+    resumed run measures only the steps after its checkpoint, the earlier ones' time ended with their process),
+    or None when it had finished before."""
+    from loramoe.training.checkpoints import latest_good_checkpoint
     from loramoe.training.run_config import RunConfig
     from loramoe.training.train import train
 
@@ -68,9 +72,10 @@ def train_once(name: str, cfg: dict, out: Path, steps: int, threads: int) -> dic
     (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     log.info("train %s (%d steps)", name, steps)
     resumed = any(run_dir.glob("checkpoint-*"))
+    start = latest_good_checkpoint(run_dir, quiet=True)
     t0, c0 = time.time(), time.process_time()
     train(RunConfig.from_dict(cfg), resume=True)
-    seconds = since(t0, c0)
+    seconds = {**since(t0, c0), "from_step": int(start.rsplit("-", 1)[1]) if start else 0}
     write_json(timing, {**seconds, "threads": threads, "resumed_from_checkpoint": resumed})
     gc.collect()
     return seconds
