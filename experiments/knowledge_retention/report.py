@@ -167,6 +167,8 @@ def tables(res: dict[str, dict]) -> str:
         "",
         *head_to_head(res, rows, "full"),
         "",
+        *head_to_head(res, rows, "loramoe_lbc"),
+        "",
         *seed_table(res, rows),
         "",
         *pilot_table(res),

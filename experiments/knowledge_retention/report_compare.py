@@ -16,7 +16,12 @@ AGAINST = {
         "Head to head with full fine-tuning (the paper's baseline)",
         lambda method: method.startswith("loramoe"),
     ),
+    "loramoe_lbc": (
+        "What the LBC adds: LoRAMoE without it head to head with LoRAMoE + LBC",
+        lambda method: method == "loramoe_nolbc",
+    ),
 }
+SHORT = {"lora": "LoRA", "full": "full FT", "loramoe_lbc": "LoRAMoE + LBC"}
 
 
 def head_to_head(res: dict[str, dict], rows: list[dict], against: str) -> list[str]:
@@ -34,8 +39,7 @@ def head_to_head(res: dict[str, dict], rows: list[dict], against: str) -> list[s
         "methods' ratios to their own knowledge-only runs, the four runs resampled together). `facts` (108 world "
         "facts the base model knows, asked in chat) is where the first experiment saw the forgetting.",
         "",
-        f"| method - {'LoRA' if against == 'lora' else 'full FT'} | downstream n | seed | CBQA | retention | WebQ | "
-        "facts | downstream |",
+        f"| method - {SHORT[against]} | downstream n | seed | CBQA | retention | WebQ | facts | downstream |",
         "|---|---:|---:|---|---|---|---|---|",
     ]
     for r, ref in pairs:
