@@ -162,29 +162,33 @@ def both_seeds(res: dict[str, dict], rows: list[dict]) -> list[str]:
 
 
 def setting_figure(rows: list[dict], path) -> None:
-    """Retention at 4,000 downstream samples per method, the ordinary mixture beside the narrow one (first seed)."""
+    """Retention at 4,000 downstream samples per method, the ordinary mixture beside the narrow one (first seed),
+    and the narrow mixture's second seed where it ran (hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from run import METHODS
 
-    at = {
-        (r["method"], r["setting"]): r
-        for r in rows
-        if r["size"] == 4000 and r["seed"] == 42 and "retention" in r
-    }
-    methods = [m for m in METHODS if (m, "_narrow") in at]
+    at = {(r["method"], r["setting"], r["seed"]): r for r in rows if r["size"] == 4000 and "retention" in r}
+    methods = [m for m in METHODS if (m, "_narrow", 42) in at]
     if not methods:
         return
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    for j, (setting, name) in enumerate(
-        (("", "ordinary mixture"), ("_narrow", "narrow mixture (3,000 SST-2)"))
-    ):
-        pts = [(i, at[m, setting]["retention"]) for i, m in enumerate(methods) if (m, setting) in at]
-        ax.errorbar([i + (j - 0.5) * 0.25 for i, _ in pts], [p[0] for _, p in pts],
-                    yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]],
-                    fmt="o", capsize=3, label=name)  # fmt: skip
+    series = (
+        ("", 42, -0.25, "ordinary mixture", {}),
+        ("_narrow", 42, 0.0, "narrow mixture (3,000 SST-2)", {}),
+        ("_narrow", 43, 0.25, "narrow mixture, second seed", {"mfc": "white"}),
+    )
+    for setting, seed, shift, name, style in series:
+        pts = [
+            (i, at[m, setting, seed]["retention"]) for i, m in enumerate(methods) if (m, setting, seed) in at
+        ]
+        if pts:
+            color = "C1" if setting else "C0"
+            ax.errorbar([i + shift for i, _ in pts], [p[0] for _, p in pts],
+                        yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]],
+                        fmt="o", capsize=3, label=name, color=color, **style)  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xticks(range(len(methods)), [label({"method": m, "setting": ""}) for m in methods], fontsize=8)
     ax.set_ylabel("CBQA retention at 4,000")
