@@ -69,24 +69,24 @@ def head_to_head(res: dict[str, dict], rows: list[dict], against: str) -> list[s
 
 
 def seed_table(res: dict[str, dict], rows: list[dict]) -> list[str]:
-    """Each second-seed run beside its first seed: CBQA, retention, downstream and facts of both, and the
+    """Each later-seed run beside its first seed (42): CBQA, retention, downstream and facts of both, and the
     difference between the seeds paired over the same items."""
-    by_name = {r["name"]: r for r in rows}
-    pairs = [(by_name[r["name"].removesuffix("_s2")], r) for r in rows
-             if r["name"].endswith("_s2") and r["name"].removesuffix("_s2") in by_name]  # fmt: skip
+    first = {(r["method"], r["size"], r["setting"]): r for r in rows if r["seed"] == 42}
+    pairs = [(first[key], r) for r in rows
+             if r["seed"] != 42 and (key := (r["method"], r["size"], r["setting"])) in first]  # fmt: skip
     if not pairs:
         return [
             "Second seeds: none finished yet (next in the queue: LoRA and LoRAMoE + LBC at the narrow mixture)."
         ]
     lines = [
-        "Second seed beside the first (training seed 43 against 42: a different initialisation of the adapters, "
-        "order of the samples and dropout; the same data sets, evaluation items and knowledge-only reference "
-        "unless a second-seed reference ran). Seed difference = second - first, paired over the same items; its "
-        "size is the spread a single-seed conclusion carries.",
+        "Later seeds beside the first (training seed 43 or 44 against 42: a different initialisation of the "
+        "adapters, order of the samples and dropout; the same data sets, evaluation items and knowledge-only "
+        "reference). Seed difference = later - first, paired over the same items; its size is the spread a "
+        "single-seed conclusion carries.",
         "",
-        "| run | CBQA seed 1 | CBQA seed 2 | seed difference | retention seed 1 | retention seed 2 | "
-        "downstream seed 1 | downstream seed 2 | facts seed 1 | facts seed 2 |",
-        "|---|---|---|---|---|---|---|---|---:|---:|",
+        "| run | seed | CBQA seed 42 | CBQA this seed | seed difference | retention seed 42 | retention this seed | "
+        "downstream seed 42 | downstream this seed | facts seed 42 | facts this seed |",
+        "|---|---:|---|---|---|---|---|---|---|---:|---:|",
     ]
     spread = {"CBQA": 0.0, "retention": 0.0, "downstream": 0.0, "facts": 0.0}
     for one, two in pairs:
@@ -95,8 +95,8 @@ def seed_table(res: dict[str, dict], rows: list[dict]) -> list[str]:
         ret = [fmt(*r["retention"], 2) if "retention" in r else "(reference)" for r in (one, two)]
         fa, fb = a["scores"]["facts"]["score"], b["scores"]["facts"]["score"]
         lines.append(
-            f"| {label(one)}, {one['size']} | {fmt(*one['cbqa'])} | {fmt(*two['cbqa'])} | {diff(d)} | {ret[0]} | "
-            f"{ret[1]} | {fmt(*one['down'])} | {fmt(*two['down'])} | {fa:.3f} | {fb:.3f} |"
+            f"| {label(one)}, {one['size']} | {two['seed']} | {fmt(*one['cbqa'])} | {fmt(*two['cbqa'])} | "
+            f"{diff(d)} | {ret[0]} | {ret[1]} | {fmt(*one['down'])} | {fmt(*two['down'])} | {fa:.3f} | {fb:.3f} |"
         )
         spread["CBQA"] = max(spread["CBQA"], abs(d["value"]))
         spread["downstream"] = max(spread["downstream"], abs(two["down"][0] - one["down"][0]))
@@ -105,65 +105,78 @@ def seed_table(res: dict[str, dict], rows: list[dict]) -> list[str]:
             spread["retention"] = max(spread["retention"], abs(two["retention"][0] - one["retention"][0]))
     lines += [
         "",
-        "Largest spread between the seeds over these runs: "
+        "Largest spread between a later seed and the first over these runs: "
         + ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
         + " (absolute differences of the point values).",
-        *both_seeds(res, rows),
+        *all_seeds(res, rows),
     ]
     return lines
 
 
-def both_seeds(res: dict[str, dict], rows: list[dict]) -> list[str]:
-    """Each method against LoRA where both have both seeds: the difference of their means over the two seeds.
-    The interval resamples the items only (all eight runs together); two seeds cannot give the seed-to-seed
-    variance an interval, so the spread between the seeds is stated beside it."""
+def _mean_difference(k: int):
+    """The mean of the first ``k`` columns minus the mean of the next ``k`` (works on arrays of resampled means)."""
+    return lambda *m: sum(m[:k]) / k - sum(m[k : 2 * k]) / k
+
+
+def _mean_ratio_difference(k: int):
+    """Over ``4 k`` columns (k runs of one method, k of the other, then each run's reference in the same order):
+    the mean of the first method's ratios to their references minus the other's."""
+    return lambda *m: _mean_difference(k)(*(m[i] / m[2 * k + i] for i in range(2 * k)))
+
+
+def all_seeds(res: dict[str, dict], rows: list[dict]) -> list[str]:
+    """Each method against LoRA where both ran at two or more of the same seeds: the difference of their means over
+    those seeds. The interval resamples the items only (all the runs together); a few seeds cannot give the
+    seed-to-seed variance an interval, so the per-seed differences are stated beside it."""
     runs = {(r["method"], r["size"], r["setting"], r["seed"]): r for r in rows}
     lines = []
     for (method, size, setting, seed), r in runs.items():
-        lora = [runs.get(("lora", size, setting, s)) for s in (42, 43)]
-        other = runs.get((method, size, setting, 43))
-        if method == "lora" or seed != 42 or other is None or None in lora:
+        if method == "lora" or seed != 42:
             continue
-        four = [r, other, *lora]
-        d = paired_bootstrap(lambda a, b, c, e: (a + b) / 2 - (c + e) / 2, [cbqa_values(x["rec"]) for x in four],
-                             draws=DRAWS)  # fmt: skip
-        refs = [res.get(x["ref"]) for x in four]
+        seeds = sorted(
+            s
+            for (m, z, t, s) in runs
+            if (m, z, t) == (method, size, setting) and ("lora", size, setting, s) in runs
+        )
+        if len(seeds) < 2:
+            continue
+        k = len(seeds)
+        ours, lora = ([runs[(m, size, setting, s)] for s in seeds] for m in (method, "lora"))
+        cols = [cbqa_values(x["rec"]) for x in ours + lora]
+        d = paired_bootstrap(_mean_difference(k), cols, draws=DRAWS)
+        refs = [res.get(x["ref"]) for x in ours + lora]
         ret = "-"
         if None not in refs:
-            cols = [cbqa_values(x["rec"]) for x in four] + [cbqa_values(x) for x in refs]
-            rd = paired_bootstrap(
-                lambda a, b, c, e, a0, b0, c0, e0: (a / a0 + b / b0) / 2 - (c / c0 + e / e0) / 2,
-                cols,
-                draws=DRAWS,
-            )
-            ret = diff(rd, 2)
-        down = downstream_bootstrap([x["rec"] for x in four], lambda a, b, c, e: (a + b) / 2 - (c + e) / 2)
+            ratios = _mean_ratio_difference(k)
+            ret = diff(paired_bootstrap(ratios, cols + [cbqa_values(x) for x in refs], draws=DRAWS), 2)
+        down = downstream_bootstrap([x["rec"] for x in ours + lora], _mean_difference(k))
         per_seed = [
-            paired_bootstrap(lambda x, y: x - y, [cbqa_values(a["rec"]), cbqa_values(b["rec"])], draws=DRAWS)[
-                "value"
-            ]
-            for a, b in ((r, lora[0]), (other, lora[1]))
+            paired_bootstrap(lambda x, y: x - y, [cbqa_values(a["rec"]), cbqa_values(b["rec"])], draws=DRAWS)
+            for a, b in zip(ours, lora, strict=True)
         ]
         if not lines:
             lines = [
                 "",
-                "Both seeds together, against LoRA: the difference of the two methods' means over seeds 42 and 43 "
-                "(interval: the items resampled, all four runs and their references together; it does not cover "
-                "the seed-to-seed variance, which two seeds cannot estimate: the per-seed differences are beside it).",
+                "All seeds together, against LoRA: the difference of the two methods' means over the seeds both "
+                "ran (interval: the items resampled, all the runs and their references together; it does not "
+                "cover the seed-to-seed variance, which a few seeds cannot estimate: the per-seed differences are "
+                "beside it).",
                 "",
-                "| method - LoRA, mean of 2 seeds | downstream n | CBQA | retention | downstream | CBQA, seed 42 / 43 |",
-                "|---|---:|---|---|---|---|",
+                "| method - LoRA, mean over seeds | seeds | downstream n | CBQA | retention | downstream | "
+                "CBQA per seed |",
+                "|---|---|---:|---|---|---|---|",
             ]
         lines.append(
-            f"| {label(r)} | {size} | {diff(d)} | {ret} | {diff(down)} | "
-            f"{per_seed[0]:+.3f} / {per_seed[1]:+.3f} |"
+            f"| {label(r)} | {', '.join(map(str, seeds))} | {size} | {diff(d)} | {ret} | {diff(down)} | "
+            + " / ".join(f"{x['value']:+.3f}" for x in per_seed)
+            + " |"
         )
     return lines
 
 
 def setting_figure(rows: list[dict], path) -> None:
     """Retention at 4,000 downstream samples per method, the ordinary mixture beside the narrow one (first seed),
-    and the narrow mixture's second seed where it ran (hollow)."""
+    and the narrow mixture's later seeds where they ran (hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,11 +188,13 @@ def setting_figure(rows: list[dict], path) -> None:
     if not methods:
         return
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    series = (
+    later = sorted({seed for (_, setting, seed) in at if setting == "_narrow" and seed != 42})
+    series = [
         ("", 42, -0.25, "ordinary mixture", {}),
         ("_narrow", 42, 0.0, "narrow mixture (3,000 SST-2)", {}),
-        ("_narrow", 43, 0.25, "narrow mixture, second seed", {"mfc": "white"}),
-    )
+        *(("_narrow", seed, 0.25 * (i + 1) / len(later), f"narrow mixture, seed {seed}", {"mfc": "white"})
+          for i, seed in enumerate(later)),
+    ]  # fmt: skip
     for setting, seed, shift, name, style in series:
         pts = [
             (i, at[m, setting, seed]["retention"]) for i, m in enumerate(methods) if (m, setting, seed) in at

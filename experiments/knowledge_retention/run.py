@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,15 +74,15 @@ METHODS = {
 }
 LR = {"loramoe": 1.0e-3, "lora": 1.0e-3, "full": 1.0e-4}
 # run-name suffix -> training seed (init, order, dropout)
-SEEDS = {"": 42, "_s2": 43, "_narrow": 42, "_narrow_s2": 43}
+SEEDS = {"": 42, "_s2": 43, "_narrow": 42, "_narrow_s2": 43, "_narrow_s3": 44}
 # run-name suffix -> downstream shares per task (default: equal shares). "_narrow" is the setting the pilots' rule
 # chose (pilots.py): 3,000 SST-2 + 200 of each other task; its runs' reference is the same method's ``_d0`` run.
-SHARES = {"_narrow": NARROW, "_narrow_s2": NARROW}
+SHARES = {"_narrow": NARROW, "_narrow_s2": NARROW, "_narrow_s3": NARROW}
 
 
 def setting_of(suffix: str) -> str:
     """The data setting a run-name suffix names, without its seed: ``_narrow_s2`` -> ``_narrow``, ``_s2`` -> ``""``."""
-    return suffix.removesuffix("_s2")
+    return re.sub(r"_s\d+$", "", suffix)
 
 
 GROUPS_OFF = ("knowledge", "downstream")
@@ -104,8 +105,8 @@ def queue() -> list[tuple[str, ...]]:
     The order: the comparison the first sessions ran (LoRA, LoRAMoE + LBC, top-2 at 0 and 4,000, their groups
     switched off); full fine-tuning, the positive control; the pilots that look for a setting where LoRA forgets;
     full fine-tuning, LoRA and LoRAMoE + LBC at the setting they chose (``_narrow``) and that run's groups switched
-    off; the second seed of LoRA and LoRAMoE + LBC there; LoRAMoE without the LBC and top-2 there; the second seed
-    of the 4,000 ordinary-mixture runs; the variant beyond the paper (``loramoe_gm``); then the rest of the original
+    off; the second seed of LoRA and LoRAMoE + LBC there; LoRAMoE without the LBC there; the pair's third seed;
+    top-2 there; the second seed of the 4,000 ordinary-mixture runs; the variant beyond the paper (``loramoe_gm``); then the rest of the original
     plan."""
     first = ["lora", "loramoe_lbc", "loramoe_top2"]
     items: list[tuple[str, ...]] = [("base",)]
@@ -132,9 +133,12 @@ def queue() -> list[tuple[str, ...]]:
     runs(["loramoe_nolbc"], 0)
     # LoRAMoE + LBC against LoRA at this setting is the answer the experiment exists for, and it rests on one seed:
     # its second seed comes before more variants; then whether the LBC or the experts themselves keep the knowledge
-    # (without the LBC), then top-2; then the 4,000 ordinary-mixture runs' second seeds
+    # (without the LBC), then top-2; then the 4,000 ordinary-mixture runs' second seeds. The second seed moved the
+    # difference as much as the method did, so a third seed of the pair comes next
     runs(["lora", "loramoe_lbc"], 4000, "_narrow_s2")
-    runs(["loramoe_nolbc", "loramoe_top2"], 4000, "_narrow")
+    runs(["loramoe_nolbc"], 4000, "_narrow")
+    runs(["lora", "loramoe_lbc"], 4000, "_narrow_s3")
+    runs(["loramoe_top2"], 4000, "_narrow")
     offs(["loramoe_top2"], 4000, "_narrow")
     runs(first, 4000, "_s2")
     runs(["loramoe_gm"], 0)
