@@ -287,7 +287,7 @@ def _clear_owned(folder: Path, run_id: str, why: str) -> None:
     (or loramoe cannot tell): whatever has happened to it since (a file edited, truncated or replaced, its
     completion marker deleted), it is never removed, only renamed aside under a name that says why, with a warning
     naming it."""
-    if not os.path.lexists(folder / COMPLETE_MARKER) and save_interrupted(folder):
+    if save_interrupted(folder):
         _remove_owned(folder, run_id, f"an unfinished save, {why}")
         return
     problem = verification_problem(folder) or "complete, but the run writes this step again"

@@ -42,9 +42,9 @@ def mark_complete(folder: Path, run_id: str | None = None) -> None:
 
 
 def save_interrupted(folder: Path) -> bool:
-    """Whether ``folder``, which has no completion marker, is a save a kill interrupted (its saving marker is still
-    there) rather than a finished checkpoint whose completion marker has gone since, or one loramoe cannot vouch for."""
-    return os.path.lexists(folder / SAVING_MARKER)
+    """Whether ``folder`` is a save a kill interrupted: no completion marker, and still the saving marker it was
+    created with (a finished checkpoint whose completion marker has gone since has neither)."""
+    return not os.path.lexists(folder / COMPLETE_MARKER) and os.path.lexists(folder / SAVING_MARKER)
 
 
 def _digest(path: Path) -> str:
