@@ -150,10 +150,7 @@ def all_seeds(res: dict[str, dict], rows: list[dict]) -> list[str]:
             ratios = _mean_ratio_difference(k)
             ret = diff(paired_bootstrap(ratios, cols + [cbqa_values(x) for x in refs], draws=DRAWS), 2)
         down = downstream_bootstrap([x["rec"] for x in ours + lora], _mean_difference(k))
-        per_seed = [
-            paired_bootstrap(lambda x, y: x - y, [cbqa_values(a["rec"]), cbqa_values(b["rec"])], draws=DRAWS)
-            for a, b in zip(ours, lora, strict=True)
-        ]
+        per_seed = [a["cbqa"][0] - b["cbqa"][0] for a, b in zip(ours, lora, strict=True)]
         if not lines:
             lines = [
                 "",
@@ -168,7 +165,7 @@ def all_seeds(res: dict[str, dict], rows: list[dict]) -> list[str]:
             ]
         lines.append(
             f"| {label(r)} | {', '.join(map(str, seeds))} | {size} | {diff(d)} | {ret} | {diff(down)} | "
-            + " / ".join(f"{x['value']:+.3f}" for x in per_seed)
+            + " / ".join(f"{x:+.3f}" for x in per_seed)
             + " |"
         )
     return lines

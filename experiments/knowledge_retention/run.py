@@ -106,8 +106,8 @@ def queue() -> list[tuple[str, ...]]:
     switched off); full fine-tuning, the positive control; the pilots that look for a setting where LoRA forgets;
     full fine-tuning, LoRA and LoRAMoE + LBC at the setting they chose (``_narrow``) and that run's groups switched
     off; the second seed of LoRA and LoRAMoE + LBC there; LoRAMoE without the LBC there; the pair's third seed;
-    top-2 there; the second seed of the 4,000 ordinary-mixture runs; the variant beyond the paper (``loramoe_gm``); then the rest of the original
-    plan."""
+    top-2 there; the second seed of the 4,000 ordinary-mixture runs; the variant beyond the paper (``loramoe_gm``);
+    then the rest of the original plan."""
     first = ["lora", "loramoe_lbc", "loramoe_top2"]
     items: list[tuple[str, ...]] = [("base",)]
 
@@ -131,10 +131,10 @@ def queue() -> list[tuple[str, ...]]:
     runs(["full", "lora", "loramoe_lbc"], 4000, "_narrow")
     offs(["loramoe_lbc"], 4000, "_narrow")
     runs(["loramoe_nolbc"], 0)
-    # LoRAMoE + LBC against LoRA at this setting is the answer the experiment exists for, and it rests on one seed:
-    # its second seed comes before more variants; then whether the LBC or the experts themselves keep the knowledge
-    # (without the LBC), then top-2; then the 4,000 ordinary-mixture runs' second seeds. The second seed moved the
-    # difference as much as the method did, so a third seed of the pair comes next
+    # LoRAMoE + LBC against LoRA at this setting is the answer the experiment exists for: its seeds come before more
+    # variants (the second seed moved the difference as much as the method did, hence a third), with LoRAMoE
+    # without the LBC (whether the LBC or the experts keep the knowledge) between them; then top-2, then the 4,000
+    # ordinary-mixture runs' second seeds
     runs(["lora", "loramoe_lbc"], 4000, "_narrow_s2")
     runs(["loramoe_nolbc"], 4000, "_narrow")
     runs(["lora", "loramoe_lbc"], 4000, "_narrow_s3")

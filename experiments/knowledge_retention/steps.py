@@ -71,11 +71,10 @@ def train_once(name: str, cfg: dict, out: Path, steps: int, threads: int) -> dic
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     log.info("train %s (%d steps)", name, steps)
-    resumed = any(run_dir.glob("checkpoint-*"))
     start = latest_good_checkpoint(run_dir, quiet=True)
     t0, c0 = time.time(), time.process_time()
     train(RunConfig.from_dict(cfg), resume=True)
     seconds = {**since(t0, c0), "from_step": int(start.rsplit("-", 1)[1]) if start else 0}
-    write_json(timing, {**seconds, "threads": threads, "resumed_from_checkpoint": resumed})
+    write_json(timing, {**seconds, "threads": threads, "resumed_from_checkpoint": start is not None})
     gc.collect()
     return seconds
